@@ -1,0 +1,3 @@
+from antinet_npu.cli import main
+
+raise SystemExit(main())

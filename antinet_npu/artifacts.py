@@ -1,0 +1,100 @@
+"""Where artifacts and metrics live, and how they are written: to a temporary path first, then renamed.
+
+A stage that fails leaves nothing half-written behind; a stage that succeeds replaces its previous output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MODELS = Path("models")
+METRICS = Path("metrics")
+REPORTS = Path("reports")
+
+
+def pytorch_dir(model: str) -> Path:
+    return MODELS / "pytorch" / model
+
+
+def onnx_path(model: str, precision: str = "fp32") -> Path:
+    """FP32 export is `<model>.onnx`; CPU variants are `<model>-<precision>.onnx`; weights in `<file>.data`."""
+    return MODELS / "onnx" / (f"{model}.onnx" if precision == "fp32" else f"{model}-{precision}.onnx")
+
+
+def external_data(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
+
+
+def onnx_size_mb(path: Path) -> float:
+    """Size of an ONNX model with its external data file, in MB (10^6 bytes)."""
+    data = external_data(path)
+    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `final`; on success it replaces `final` whole."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    os.replace(tmp, final)
+
+
+@contextmanager
+def staged_files(dest: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success every file written there moves into `dest` (same names).
+
+    For outputs made of several files that reference each other by name (an ONNX model and its `.data`).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".staging-"))
+    try:
+        yield tmp
+        for item in sorted(tmp.iterdir()):
+            os.replace(item, dest / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Metrics as DVC reads them: scalars (and one level of nesting for context such as versions); NaN -> null."""
+    write_json(path, {k: _clean(v) for k, v in metrics.items()})
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalar
+        return _clean(value.item())
+    if isinstance(value, (list, tuple)):
+        raise TypeError("metrics hold scalars only (dvc metrics diff drops lists)")
+    return value

@@ -1,0 +1,182 @@
+"""Where a model comes from: the builtin Qwen2 (built and briefly trained here), a local directory, or a hub id.
+
+Everything returns a float32 `PreTrainedModel` in eval mode plus its tokenizer; `load_snapshot` reads back what the
+`prepare` stage saved, which is what every later stage starts from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from antinet_npu import AntinetError
+from antinet_npu.config import BuiltinModelConfig, ModelConfig
+from antinet_npu.corpus import Document, token_stream
+
+log = logging.getLogger(__name__)
+EOS_TOKEN = "<|endoftext|>"
+
+
+def load_source(cfg: ModelConfig, train_docs: list[Document] | None = None):
+    """(model, tokenizer, info) for `cfg.source`; `train_docs` feed the builtin model's tokenizer and training."""
+    if cfg.is_builtin:
+        assert cfg.builtin is not None and train_docs is not None
+        return build_builtin(cfg.builtin, train_docs)
+    path = Path(cfg.source).expanduser()
+    # A hub id is `name` or `org/name`; anything else that is not an existing folder is meant as a path.
+    if path.exists() or cfg.source.startswith(("/", ".", "~")) or cfg.source.count("/") > 1 or "\\" in cfg.source:
+        return _load_local(path, cfg)
+    return _load_hub(cfg)
+
+
+def load_snapshot(path: str | Path, attn_implementation: str = "eager"):
+    """The model saved by `prepare`, float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise AntinetError(f"no prepared model at {path}: run `dvc repro prepare` (or `antinet-npu prepare`) first")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(path))
+
+
+def max_positions(model_config) -> int:
+    """Longest sequence the model's position encoding was configured for."""
+    return int(getattr(model_config, "max_position_embeddings", 0) or 0) or 2**31 - 1
+
+
+# --- builtin -----------------------------------------------------------------------------------------------------
+
+def build_builtin(spec: BuiltinModelConfig, train_docs: list[Document]):
+    """A seeded Qwen2ForCausalLM with an offline BPE tokenizer, trained for `spec.train_steps` steps."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = train_tokenizer(train_docs, spec.tokenizer_vocab_size)
+    config = Qwen2Config(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings, rope_theta=spec.rope_theta,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = Qwen2ForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    info = {"num_parameters": sum(p.numel() for p in model.parameters())}
+    if spec.train_steps:
+        info["train_loss"] = _train(model, token_stream(tokenizer, train_docs), spec)
+    return model.eval(), tokenizer, info
+
+
+def train_tokenizer(docs: list[Document], vocab_size: int):
+    """Byte-level BPE trained on `docs` (deterministic for the same documents), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([d.text for d in docs], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                   model_max_length=2**31 - 1)
+
+
+def _train(model, stream: np.ndarray, spec: BuiltinModelConfig) -> float:
+    """Next-token training on random windows of `stream`; returns the mean loss of the last 10% of steps."""
+    seq = spec.train_seq_len + 1
+    if len(stream) < seq * 2:
+        raise AntinetError(f"the training text has only {len(stream)} tokens: add text or lower "
+                           "model.builtin.train_seq_len")
+    rng = np.random.default_rng(spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
+    warmup = max(1, spec.train_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, spec.train_steps) /
+                                                                          spec.train_steps)))
+    model.train()
+    tail: list[float] = []
+    for step in range(spec.train_steps):
+        starts = rng.integers(0, len(stream) - seq, size=spec.train_batch_size)
+        batch = torch.from_numpy(np.stack([stream[s:s + seq] for s in starts]))
+        loss = _lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step >= spec.train_steps * 0.9:
+            tail.append(loss.item())
+        if step % max(1, spec.train_steps // 10) == 0 or step == spec.train_steps - 1:
+            log.info("train step %d/%d loss %.3f", step + 1, spec.train_steps, loss.item())
+    model.eval()
+    return float(np.mean(tail))
+
+
+def _lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+# --- local directory and hub -------------------------------------------------------------------------------------
+
+def _load_local(path: Path, cfg: ModelConfig):
+    if not path.is_dir():
+        raise AntinetError(f"model.source {str(path)!r} is not a directory: point model.source at a local "
+                           "Hugging Face checkpoint directory, a hub id, or builtin:tiny-qwen2")
+    if not (path / "config.json").is_file():
+        raise AntinetError(f"{path} has no config.json: point model.source at a Hugging Face checkpoint directory "
+                           "(the folder save_pretrained wrote)")
+    return _from_pretrained(str(path), cfg, local_only=True)
+
+
+def _load_hub(cfg: ModelConfig):
+    return _from_pretrained(cfg.source, cfg, local_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+
+
+def _from_pretrained(where: str, cfg: ModelConfig, local_only: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only)
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as exc:
+        if Path(where).is_dir():
+            raise AntinetError(f"cannot read the config in {where}: {_first_line(exc)}") from None
+        raise AntinetError(
+            f"model.source {where!r} is not in the local Hugging Face cache and the hub is unreachable: download it "
+            f"where there is network (`hf download {where}`) or point model.source at a local directory") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping and not cfg.trust_remote_code:
+        raise AntinetError(f"{where} is a {config.model_type!r} model, not a causal LM: antinet-npu converts "
+                           "decoder-only checkpoints (Qwen2, Llama, ...) loadable with AutoModelForCausalLM")
+    log.info("loading %s", where)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, attn_implementation="eager",
+                                                     **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AntinetError(f"cannot load {where}: {_first_line(exc)}") from None
+    return model.eval(), tokenizer, {"num_parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe(model) -> dict:
+    """Architecture facts worth recording next to metrics."""
+    c = model.config
+    return {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "vocab_size": c.vocab_size, "max_position_embeddings": max_positions(c)}

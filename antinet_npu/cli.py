@@ -1,0 +1,96 @@
+"""`antinet-npu`: run one pipeline stage by hand, compose the config, and (later) verify and serve.
+
+`dvc repro` runs the same stage commands listed in dvc.yaml; running them by hand is for debugging and one-off work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from antinet_npu import AntinetError, __version__
+
+# Stage name -> (one-line description, extra arguments). The stage modules live in the top-level `stages/` folder
+# (installed as antinet_npu.stages) and are imported only when run, so --help stays fast.
+STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
+    "prepare": ("HF checkpoint (builtin, local directory or hub id) -> models/pytorch/<model>/", []),
+    "export": ("PyTorch snapshot -> models/onnx/<model>.onnx, validated against PyTorch", []),
+}
+
+EPILOG = """\
+Config: stages read params.yaml (what DVC tracks). Hydra overrides after the command compose conf/ instead,
+e.g. `antinet-npu prepare model=qwen2-1.5b model.source=/data/Qwen2-1.5B`. In the pipeline, prefer
+`dvc repro` (rebuild what is stale) and `dvc exp run -S KEY=VALUE` (DVC composes conf/ into params.yaml).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="antinet-npu", description="Hugging Face causal LM -> ONNX, CPU variants and Hexagon NPU context "
+        "binaries, with measured fidelity and latency.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"antinet-npu {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for name, (help_text, extra) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=f"Stage `{name}`: {help_text}.", epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        for flag, kwargs in extra:
+            p.add_argument(flag, **kwargs)
+        _config_arguments(p)
+
+    p = sub.add_parser("compose", help="compose conf/ (plus overrides) as DVC does; print it or write params.yaml",
+                       description="Compose conf/ with Hydra exactly as `dvc exp run` does and print the YAML; "
+                       "--write replaces params.yaml with it.")
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra override, e.g. model=qwen2-1.5b")
+    p.add_argument("--write", action="store_true", help="write params.yaml instead of printing")
+    return parser
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                   help="Hydra override (e.g. export.opset=18); when given, conf/ is composed instead of reading "
+                   "params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
+
+
+def _stage_module(name: str):
+    return importlib.import_module(f"antinet_npu.stages.{name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _dispatch(args)
+    except AntinetError as exc:
+        print(f"antinet-npu {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"antinet-npu {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from antinet_npu import config
+
+    if args.command == "compose":
+        text = config.to_yaml(config.compose(args.overrides))
+        config.validate(config.compose(args.overrides), source="composed config")
+        if args.write:
+            from pathlib import Path
+
+            from antinet_npu.artifacts import write_text
+
+            write_text(Path(config.PARAMS_FILE), text)
+        else:
+            print(text, end="")
+        return 0
+    cfg = config.load(args.params, args.overrides)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "overrides", "params")}
+    _stage_module(args.command).run(cfg, **options)
+    return 0

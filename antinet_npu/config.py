@@ -1,0 +1,229 @@
+"""The one typed config tree, loaded from `params.yaml` (or composed from `conf/`) and validated once.
+
+`conf/` holds the Hydra config groups; `dvc exp run` composes them into `params.yaml`, which is what every stage
+reads. Stages receive a `Config`, never raw dicts. Unknown keys, wrong types and bad values become an
+`AntinetError` with a one-line message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, get_args, get_type_hints
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf import errors as oc_errors
+
+from antinet_npu import AntinetError
+
+ROOT = Path.cwd()
+CONF_DIR = "conf"
+PARAMS_FILE = "params.yaml"
+BUILTIN_PREFIX = "builtin:"
+_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _help(text: str) -> Any:
+    return {"help": text}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise AntinetError(message)
+
+
+@dataclass
+class BuiltinModelConfig:
+    """A small Qwen2 the pipeline builds itself: fixed seed, offline tokenizer, optionally trained briefly."""
+
+    vocab_size: int = field(default=4096, metadata=_help("model vocabulary (embedding rows)"))
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    tokenizer_vocab_size: int = field(default=4096, metadata=_help("BPE vocabulary trained on the text source"))
+    seed: int = 0
+    train_steps: int = field(default=300, metadata=_help("0 keeps the random weights"))
+    train_batch_size: int = 8
+    train_seq_len: int = 128
+    learning_rate: float = 3e-3
+
+    def check(self) -> None:
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "tokenizer_vocab_size", "train_batch_size",
+                  "train_seq_len"):
+            _require(getattr(self, f) > 0, f"model.builtin.{f} must be positive, got {getattr(self, f)}")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"model.builtin.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                 f"({self.num_attention_heads})")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 "model.builtin.num_attention_heads must be a multiple of num_key_value_heads")
+        _require(self.tokenizer_vocab_size <= self.vocab_size,
+                 "model.builtin.tokenizer_vocab_size must not exceed model.builtin.vocab_size")
+        _require(self.train_steps >= 0, "model.builtin.train_steps must be >= 0")
+        _require(self.train_seq_len <= self.max_position_embeddings,
+                 "model.builtin.train_seq_len must not exceed max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default=MISSING, metadata=_help("short name used in artifact paths, e.g. tiny-qwen2"))
+    source: str = field(default=MISSING, metadata=_help("'builtin:<label>', a local directory, or a hub id"))
+    revision: Optional[str] = field(default=None, metadata=_help("hub revision (branch, tag or commit)"))
+    trust_remote_code: bool = False
+    builtin: Optional[BuiltinModelConfig] = field(default=None, metadata=_help("spec of a builtin model"))
+
+    def check(self) -> None:
+        _require(bool(_SLUG.match(self.name)),
+                 f"model.name {self.name!r} must be a plain file name (letters, digits, '.', '_', '-')")
+        _require(bool(self.source.strip()), "model.source is empty: set a builtin:, a local directory or a hub id")
+        if self.is_builtin:
+            _require(self.builtin is not None,
+                     f"model.source is {self.source!r} but model.builtin is not set: add a model.builtin section")
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith(BUILTIN_PREFIX)
+
+
+@dataclass
+class TextConfig:
+    """Where calibration and evaluation text comes from, and how documents are split between uses."""
+
+    source: str = field(default="builtin:stdlib-docstrings",
+                        metadata=_help("builtin:stdlib-docstrings, or a local .txt/.md file or folder of them"))
+    eval_fraction: float = field(default=0.15, metadata=_help("share of documents held out for evaluation"))
+    calib_fraction: float = field(default=0.15, metadata=_help("share of documents used for calibration"))
+
+    def check(self) -> None:
+        _require(0 < self.eval_fraction < 1 and 0 < self.calib_fraction < 1
+                 and self.eval_fraction + self.calib_fraction < 1,
+                 "text.eval_fraction and text.calib_fraction must be in (0, 1) and sum to less than 1")
+
+
+@dataclass
+class ExportConfig:
+    opset: int = field(default=17, metadata=_help("ONNX opset (14-21)"))
+    exporter: str = field(default="torchscript", metadata=_help("torchscript (dynamo=False) or dynamo"))
+    validate_batches: int = field(default=3, metadata=_help("sample batches compared with PyTorch"))
+    validate_seq_len: int = 64
+    max_abs_diff: float = field(default=1e-3, metadata=_help("fail the export above this logits difference"))
+
+    def check(self) -> None:
+        _require(14 <= self.opset <= 21, f"export.opset must be between 14 and 21, got {self.opset}")
+        _require(self.exporter in ("torchscript", "dynamo"),
+                 f"export.exporter must be torchscript or dynamo, got {self.exporter!r}")
+        _require(self.validate_batches > 0 and self.validate_seq_len > 1,
+                 "export.validate_batches must be > 0 and export.validate_seq_len > 1")
+        _require(self.max_abs_diff > 0, "export.max_abs_diff must be positive")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def load(params: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Config:
+    """The validated config: `params.yaml` as DVC tracks it, or `conf/` composed with Hydra `overrides`."""
+    if overrides:
+        return validate(compose(overrides), source=f"{CONF_DIR}/ with overrides {' '.join(overrides)}")
+    path = Path(params)
+    _require(path.is_file(), f"{path} not found: run from the project root, or write it with `antinet-npu compose`")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry multi-line context
+        raise AntinetError(f"{path} is not valid YAML: {_first_line(exc)}") from None
+    return validate(raw, source=str(path))
+
+
+def validate(raw: Any, source: str) -> Config:
+    """Merge `raw` onto the schema and build the typed tree; every failure is one line naming the key."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        cfg = OmegaConf.to_object(merged)
+    except oc_errors.ConfigKeyError as exc:
+        raise AntinetError(f"{source}: unknown key '{exc.full_key}'{_valid_keys_hint(exc.full_key)}") from None
+    except oc_errors.MissingMandatoryValue as exc:
+        raise AntinetError(f"{source}: required key '{exc.full_key}' is not set") from None
+    except oc_errors.ValidationError as exc:
+        raise AntinetError(f"{source}: bad value for '{exc.full_key}': {_first_line(exc)}") from None
+    except oc_errors.OmegaConfBaseException as exc:
+        raise AntinetError(f"{source}: {_first_line(exc)}") from None
+    try:
+        _check_tree(cfg)
+    except AntinetError as exc:
+        raise AntinetError(f"{source}: {exc}") from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def _check_tree(node: Any) -> None:
+    """Run every section's `check()` (value rules that types alone cannot express)."""
+    if not is_dataclass(node):
+        return
+    for f in fields(node):
+        _check_tree(getattr(node, f.name))
+    if hasattr(node, "check"):
+        node.check()
+
+
+def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR) -> Any:
+    """Compose `conf/` exactly as `dvc exp run` does (Hydra compose, then resolve)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    conf = Path(conf_dir).resolve()
+    _require(conf.is_dir(), f"config folder {conf} not found: run from the project root")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(conf), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise AntinetError(f"cannot compose {conf_dir}/: {_compose_hint(exc, conf)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """YAML exactly as DVC writes `params.yaml` after composing."""
+    return OmegaConf.to_yaml(cfg)
+
+
+def _compose_hint(exc: Exception, conf: Path) -> str:
+    msg = _first_line(exc)
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", str(exc))
+    if m:
+        group = m.group(1)
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        return f"no option '{m.group(2)}' in group '{group}' (choose one of: {', '.join(options)})"
+    return msg
+
+
+def _valid_keys_hint(full_key: str) -> str:
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node: Any = Config
+    for part in filter(None, parent.split(".")):
+        hint = get_type_hints(node).get(part)
+        node = next((a for a in (*get_args(hint), hint) if is_dataclass(a)), None)
+        if node is None:
+            return ""
+    where = f"under '{parent}'" if parent else "at top level"
+    return f" (valid keys {where}: {', '.join(f.name for f in fields(node))})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

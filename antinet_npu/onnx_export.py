@@ -1,0 +1,104 @@
+"""Turning a PyTorch causal LM into ONNX graphs, and the ONNX file handling every stage shares.
+
+Every model is saved with its weights in one external-data file `<name>.onnx.data` (never one file per tensor), so
+models over 2 GB work and the set of files a stage writes is always the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from antinet_npu import AntinetError
+from antinet_npu.artifacts import MODELS, external_data
+
+log = logging.getLogger(__name__)
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "logits"
+
+
+class CausalLMLogits(torch.nn.Module):
+    """(input_ids, attention_mask) -> logits of every position; no KV cache, as the seed's graph."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def export_dynamic(model: torch.nn.Module, out: Path, opset: int, exporter: str = "torchscript") -> None:
+    """Export with dynamic batch and sequence axes to `out` (+ `out.data`)."""
+    sample_ids = torch.ones((2, 8), dtype=torch.int64)
+    sample_mask = torch.ones((2, 8), dtype=torch.int64)
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUTS, OUTPUT)}
+    MODELS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".export-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow in transformers
+        raw = Path(tmp) / "raw.onnx"
+        kwargs = dict(input_names=list(INPUTS), output_names=[OUTPUT], opset_version=opset)
+        with torch.no_grad():
+            if exporter == "dynamo":
+                batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+                shapes = {name: {0: batch, 1: seq} for name in INPUTS}
+                torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), raw, dynamo=True,
+                                  dynamic_shapes={"input_ids": shapes["input_ids"],
+                                                  "attention_mask": shapes["attention_mask"]},
+                                  external_data=True, **kwargs)
+            else:
+                torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), raw, dynamo=False,
+                                  dynamic_axes=dynamic_axes, **kwargs)
+        save(onnx.load(raw), out)
+
+
+def save(model: onnx.ModelProto, out: Path) -> None:
+    """Write `model` to `out` with all large tensors in the single file `out.data` (relative location)."""
+    data = external_data(out)
+    if data.exists():
+        data.unlink()  # onnx appends to an existing data file
+    onnx.save_model(model, out, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                    size_threshold=1024)
+
+
+def check_model(path: Path) -> None:
+    """Fail with a one-line error when `path` is missing or not a loadable ONNX model."""
+    if not path.is_file():
+        raise AntinetError(f"ONNX model {path} not found: run the stage that builds it (`dvc repro`)")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # checker and protobuf raise several types for a damaged file
+        raise AntinetError(f"{path} is not a valid ONNX model ({str(exc).strip().splitlines()[0][:200]}): "
+                           "delete it and re-run `dvc repro`") from None
+
+
+def cpu_session(path: Path, threads: int = 0, optimization: str = "all"):
+    """An onnxruntime CPU session; `threads=0` lets onnxruntime choose."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise AntinetError(f"onnxruntime cannot load {path} ({str(exc).strip().splitlines()[0][:200]}): delete it "
+                           "and re-run `dvc repro`") from None
+
+
+def run_logits(session, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    feeds = {"input_ids": input_ids.astype(np.int64)}
+    if "attention_mask" in {i.name for i in session.get_inputs()}:
+        feeds["attention_mask"] = (np.ones_like(input_ids) if attention_mask is None else attention_mask).astype(
+            np.int64)
+    return session.run([OUTPUT], feeds)[0].astype(np.float32)
