@@ -91,6 +91,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(text, end="")
         return 0
     cfg = config.load(args.params, args.overrides)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor progress bars drown the stage's own progress lines
     options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "overrides", "params")}
     _stage_module(args.command).run(cfg, **options)
     return 0

@@ -1,0 +1,66 @@
+"""The config tree: params.yaml is exactly conf/ composed; bad keys and values are one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from antinet_npu import AntinetError, config
+from conftest import ROOT
+
+
+def test_params_yaml_is_the_composition_of_conf(tmp_path):
+    # The same function `dvc exp run` uses: params.yaml must be byte-identical to what DVC would write.
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), [])
+    assert (ROOT / "params.yaml").read_text() == out.read_text(), "run `antinet-npu compose --write` and commit"
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
+def test_every_model_option_composes_and_validates(model):
+    cfg = config.validate(config.compose([f"model={model}"], ROOT / "conf"), source=model)
+    assert cfg.model.name == model
+
+
+def test_default_config_is_the_builtin_model():
+    cfg = config.load(ROOT / "params.yaml")
+    assert cfg.model.source == "builtin:tiny-qwen2" and cfg.model.is_builtin
+    assert 64 <= cfg.model.builtin.hidden_size <= 256
+
+
+def _params(tmp_path: Path, edit) -> Path:
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d["export"].update(opsett=18), "unknown key 'export.opsett' (valid keys under 'export': opset,"),
+    (lambda d: d.update(exprt={}), "unknown key 'exprt'"),
+    (lambda d: d["export"].update(opset="seventeen"), "bad value for 'export.opset'"),
+    (lambda d: d["export"].update(opset=99), "export.opset must be between 14 and 21, got 99"),
+    (lambda d: d["model"].update(name="a/b"), "model.name 'a/b' must be a plain file name"),
+    (lambda d: d["model"].update(builtin=None), "model.builtin is not set"),
+    (lambda d: d["model"].pop("source"), "required key 'model.source' is not set"),
+])
+def test_bad_params_are_one_line_errors(tmp_path, edit, expected):
+    with pytest.raises(AntinetError) as err:
+        config.load(_params(tmp_path, edit))
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    with pytest.raises(AntinetError, match=r"no option 'qwen9' in group 'model' \(choose one of: .*tiny-qwen2"):
+        config.compose(["model=qwen9"], ROOT / "conf")
+
+
+def test_override_of_unknown_key_is_an_error():
+    with pytest.raises(AntinetError, match="export.opsett"):
+        config.compose(["export.opsett=3"], ROOT / "conf")

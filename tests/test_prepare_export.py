@@ -1,0 +1,119 @@
+"""Stages `prepare` and `export` through `dvc repro` on the builtin model, and their bad-input errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from antinet_npu.onnx_export import cpu_session, run_logits
+from conftest import clone_project
+
+pytestmark = pytest.mark.slow
+
+
+def _tree_digest(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def test_repro_builds_snapshot_onnx_and_metrics(pipeline):
+    assert {"prepare", "export"} <= set(pipeline.first_run)
+    snap = pipeline.path / "models/pytorch/tiny-qwen2"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (snap / name).is_file(), name
+    onnx = pipeline.path / "models/onnx/tiny-qwen2.onnx"
+    assert onnx.is_file() and (onnx.parent / "tiny-qwen2.onnx.data").is_file()
+    assert not list(onnx.parent.glob(".*")), "staging leftovers"
+
+    metrics = json.loads((pipeline.path / "metrics/export.json").read_text())
+    assert metrics["max_abs_diff"] < 1e-3
+    assert metrics["opset"] == 17 and metrics["size_mb"] > 1 and metrics["export_seconds"] > 0
+    assert metrics["peak_rss_mb"] > 0
+    assert {"torch", "transformers", "onnx", "onnxruntime"} <= {k for k, v in metrics["versions"].items() if v}
+    prepare = json.loads((pipeline.path / "metrics/prepare.json").read_text())
+    assert prepare["num_parameters"] > 1e6 and prepare["train_loss"] < 7.0  # below ln(4096) = 8.3: it learned
+
+
+def test_onnx_has_dynamic_batch_and_sequence(pipeline):
+    session = cpu_session(pipeline.path / "models/onnx/tiny-qwen2.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    for batch, seq in ((1, 5), (3, 37)):
+        logits = run_logits(session, np.ones((batch, seq), dtype=np.int64))
+        assert logits.shape == (batch, seq, 4096)
+
+
+def test_second_repro_runs_nothing_and_opset_change_reruns_export_only(pipeline, tmp_path):
+    project = clone_project(pipeline.path, tmp_path / "p")
+    from conftest import reproduce, run_cli
+
+    assert reproduce(project) == []
+    run_cli(project, "compose", "--write", "model.builtin.train_steps=60", "export.opset=18", check=True)
+    ran = reproduce(project)
+    assert "export" in ran and "prepare" not in ran
+    assert json.loads((project / "metrics/export.json").read_text())["opset"] == 18
+
+
+def test_prepare_is_byte_identical_so_downstream_stays_cached(pipeline, tmp_path):
+    project = clone_project(pipeline.path, tmp_path / "p")
+    from conftest import reproduce
+
+    before = _tree_digest(project / "models/pytorch/tiny-qwen2")
+    assert reproduce(project, "prepare", force=True) == ["prepare"]
+    assert _tree_digest(project / "models/pytorch/tiny-qwen2") == before
+    assert reproduce(project) == []  # export's input did not change
+
+
+def _assert_clean_failure(proc, expected: str, project) -> None:
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("antinet-npu prepare: error:") and expected in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    models = project.path / "models"
+    assert not models.exists() or not any(p.name.endswith(".partial") for p in models.rglob("*"))
+
+
+def test_missing_local_directory(project, tmp_path):
+    proc = project.cli("prepare", f"model.source={tmp_path}/nowhere")
+    _assert_clean_failure(proc, "is not a directory: point model.source at a local", project)
+    assert not (project.path / "models/pytorch/tiny-qwen2").exists()
+
+
+def test_directory_without_config_json(project, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = project.cli("prepare", f"model.source={tmp_path}/empty")
+    _assert_clean_failure(proc, "has no config.json", project)
+
+
+def test_hub_id_not_cached_without_network(project):
+    proc = project.cli("prepare", "model=qwen2-1.5b")
+    _assert_clean_failure(proc, "'Qwen/Qwen2-1.5B' is not in the local Hugging Face cache", project)
+    assert not (project.path / "models/pytorch/qwen2-1.5b").exists()
+
+
+def test_checkpoint_that_is_not_a_causal_lm(project, tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=100).save_pretrained(tmp_path / "t5")
+    proc = project.cli("prepare", f"model.source={tmp_path}/t5")
+    _assert_clean_failure(proc, "is a 't5' model, not a causal LM", project)
+
+
+def test_unknown_group_option_and_key(project):
+    proc = project.cli("prepare", "model=qwen9")
+    _assert_clean_failure(proc, "no option 'qwen9' in group 'model'", project)
+    proc = project.cli("prepare", "+model.flavour=x")
+    _assert_clean_failure(proc, "unknown key 'model.flavour'", project)
+
+
+def test_local_directory_source_round_trips(pipeline, tmp_path):
+    # A prepared snapshot is itself a valid local checkpoint: prepare it again under another name.
+    project = clone_project(pipeline.path, tmp_path / "p")
+    from conftest import run_cli
+
+    src = project / "models/pytorch/tiny-qwen2"
+    proc = run_cli(project, "prepare", f"model.source={src}", "model.name=local-copy", "model.builtin=null")
+    assert proc.returncode == 0, proc.stderr
+    assert _tree_digest(project / "models/pytorch/local-copy")["model.safetensors"] == \
+        _tree_digest(src)["model.safetensors"]
