@@ -45,6 +45,12 @@ def load_snapshot(path: str | Path, attn_implementation: str = "eager"):
     return model.eval()
 
 
+def load_config(path: str | Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(Path(path))
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 

@@ -17,6 +17,10 @@ from antinet_npu import AntinetError, __version__
 STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "prepare": ("HF checkpoint (builtin, local directory or hub id) -> models/pytorch/<model>/", []),
     "export": ("PyTorch snapshot -> models/onnx/<model>.onnx, validated against PyTorch", []),
+    "quantize": ("FP32 ONNX -> models/onnx/<model>-<precision>.onnx (a CPU variant)",
+                 [("--precision", dict(required=True, help="a key of quantize.recipes, e.g. int8-block"))]),
+    "evaluate": ("fidelity of a variant vs the FP32 ONNX model -> metrics/evaluate/<precision>.json",
+                 [("--precision", dict(required=True, help="a key of evaluate.variants, e.g. fp32 or int8-block"))]),
 }
 
 EPILOG = """\

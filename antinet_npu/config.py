@@ -123,11 +123,98 @@ class ExportConfig:
         _require(self.max_abs_diff > 0, "export.max_abs_diff must be positive")
 
 
+QUANT_METHODS = ("fp16", "dynamic-int8", "matmul-nbits")
+WEIGHT_TYPES = ("QUInt8", "QInt8")
+
+
+@dataclass
+class RecipeConfig:
+    """How one CPU precision variant is made from the FP32 ONNX model. Fields apply to the methods noted."""
+
+    method: str = field(default=MISSING, metadata=_help("fp16 | dynamic-int8 | matmul-nbits"))
+    nodes_to_exclude: list[str] = field(default_factory=list, metadata=_help("node names left in float32"))
+    keep_io_types: bool = field(default=True, metadata=_help("fp16: keep float32 graph inputs and outputs"))
+    op_block_list: list[str] = field(default_factory=list,
+                                     metadata=_help("fp16: op types left in float32 (empty: onnxruntime default)"))
+    weight_type: str = field(default="QUInt8", metadata=_help("dynamic-int8: QUInt8 (the seed's recipe) or QInt8"))
+    per_channel: bool = field(default=False, metadata=_help("dynamic-int8: per-channel weight scales"))
+    reduce_range: bool = field(default=False, metadata=_help("dynamic-int8: 7-bit weights"))
+    op_types: list[str] = field(default_factory=list,
+                                metadata=_help("dynamic-int8: op types to quantize (empty: all supported)"))
+    bits: int = field(default=8, metadata=_help("matmul-nbits: 8 or 4 bits per weight"))
+    block_size: int = field(default=32, metadata=_help("matmul-nbits: weights per scale (power of 2, >= 16)"))
+    symmetric: bool = field(default=True, metadata=_help("matmul-nbits: no zero points"))
+    accuracy_level: int = field(default=4, metadata=_help("matmul-nbits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8"))
+
+    def check(self) -> None:
+        _require(self.method in QUANT_METHODS,
+                 f"unknown quantization method {self.method!r}: choose one of {', '.join(QUANT_METHODS)}")
+        _require(self.weight_type in WEIGHT_TYPES, f"weight_type must be one of {', '.join(WEIGHT_TYPES)}")
+        _require(self.bits in (4, 8), f"bits must be 4 or 8, got {self.bits}")
+        _require(self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0,
+                 f"block_size must be a power of 2 >= 16, got {self.block_size}")
+        _require(0 <= self.accuracy_level <= 4, f"accuracy_level must be 0..4, got {self.accuracy_level}")
+
+
+@dataclass
+class QuantizeConfig:
+    precisions: list[str] = field(default_factory=list, metadata=_help("recipes to build (the quantize matrix)"))
+    recipes: dict[str, RecipeConfig] = field(default_factory=dict, metadata=_help("precision name -> recipe"))
+
+    def check(self) -> None:
+        for name in self.precisions:
+            _require(name in self.recipes, f"quantize.precisions lists unknown precision {name!r}: valid ones are "
+                     f"{', '.join(self.recipes)} (add a recipe under quantize.recipes)")
+        _require(len(set(self.precisions)) == len(self.precisions), "quantize.precisions has duplicates")
+        for name, recipe in self.recipes.items():
+            _require(bool(_SLUG.match(name)) and name != REFERENCE, f"quantize.recipes: bad precision name {name!r}")
+            try:
+                recipe.check()
+            except AntinetError as exc:
+                raise AntinetError(f"quantize.recipes.{name}: {exc}") from None
+
+
+REFERENCE = "fp32"
+GATE_MODES = ("fail", "warn")
+
+
+@dataclass
+class GateConfig:
+    """Lowest fidelity a variant may have against FP32 (null: not checked)."""
+
+    min_top1: Optional[float] = None
+    min_cosine: Optional[float] = None
+    max_kl: Optional[float] = None
+    max_ppl_increase: Optional[float] = field(default=None, metadata=_help("relative, 0.01 = +1 % perplexity"))
+
+
+@dataclass
+class EvaluateConfig:
+    variants: dict[str, str] = field(default_factory=dict,
+                                     metadata=_help("precision -> ONNX file under models/onnx/ (the matrix)"))
+    num_samples: int = field(default=16, metadata=_help("held-out windows of seq_len tokens"))
+    seq_len: int = 128
+    threads: int = field(default=0, metadata=_help("onnxruntime intra-op threads (0: all cores)"))
+    mode: str = field(default="fail", metadata=_help("fail: a variant under its gate fails the stage; warn: logs"))
+    gates: dict[str, GateConfig] = field(default_factory=dict,
+                                         metadata=_help("precision -> gate; 'default' for the others"))
+
+    def check(self) -> None:
+        _require(self.num_samples > 0 and self.seq_len > 1, "evaluate.num_samples must be > 0 and seq_len > 1")
+        _require(self.mode in GATE_MODES, f"evaluate.mode must be one of {', '.join(GATE_MODES)}")
+        _require(REFERENCE in self.variants, "evaluate.variants must include fp32 (the reference)")
+
+    def gate(self, precision: str) -> GateConfig:
+        return self.gates.get(precision) or self.gates.get("default") or GateConfig()
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def load(params: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Config:

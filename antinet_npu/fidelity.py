@@ -1,0 +1,91 @@
+"""How close a variant's logits are to the FP32 reference, and the gates that turn that into pass or fail.
+
+The same metric names serve CPU variants (`evaluate`) and NPU context binaries (`compile`), so the report can put
+them side by side: top1_agreement, cosine, kl, max_abs_error, perplexity, perplexity_fp32, ppl_increase.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from antinet_npu.config import GateConfig
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class FidelityMeter:
+    """Accumulates comparisons window by window; `result()` gives the summary metrics."""
+
+    positions: int = 0
+    top1_matches: int = 0
+    cosine_sum: float = 0.0
+    kl_sum: float = 0.0
+    max_abs_error: float = 0.0
+    nll_sum: float = 0.0
+    nll_ref_sum: float = 0.0
+    predicted: int = 0
+    nonfinite: int = field(default=0)
+
+    def add(self, reference: np.ndarray, variant: np.ndarray, input_ids: np.ndarray | None = None) -> None:
+        """reference, variant: logits (..., S, V) for the same inputs; input_ids (..., S) for perplexity."""
+        ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+        var = variant.reshape(-1, variant.shape[-1]).astype(np.float64)
+        if not np.isfinite(var).all():
+            self.nonfinite += int((~np.isfinite(var)).any(axis=-1).sum())
+            var = np.nan_to_num(var, nan=0.0, posinf=1e4, neginf=-1e4)
+        self.positions += ref.shape[0]
+        self.top1_matches += int((ref.argmax(-1) == var.argmax(-1)).sum())
+        denom = np.linalg.norm(ref, axis=-1) * np.linalg.norm(var, axis=-1)
+        self.cosine_sum += float(((ref * var).sum(-1) / np.maximum(denom, 1e-30)).sum())
+        self.max_abs_error = max(self.max_abs_error, float(np.abs(ref - var).max()))
+        lp_ref, lp_var = _log_softmax(ref), _log_softmax(var)
+        self.kl_sum += float((np.exp(lp_ref) * (lp_ref - lp_var)).sum())
+        if input_ids is not None:
+            seq = reference.shape[-2]
+            ids = input_ids.reshape(-1, seq)
+            lp_ref = lp_ref.reshape(ids.shape[0], seq, -1)[:, :-1]
+            lp_var = lp_var.reshape(ids.shape[0], seq, -1)[:, :-1]
+            nxt = ids[:, 1:, None]
+            self.nll_ref_sum -= float(np.take_along_axis(lp_ref, nxt, -1).sum())
+            self.nll_sum -= float(np.take_along_axis(lp_var, nxt, -1).sum())
+            self.predicted += nxt.size
+
+    def result(self) -> dict[str, float | int]:
+        n = max(self.positions, 1)
+        out: dict[str, float | int] = {
+            "top1_agreement": self.top1_matches / n,
+            "cosine": self.cosine_sum / n,
+            "kl": self.kl_sum / n,
+            "max_abs_error": self.max_abs_error,
+            "positions": self.positions,
+            "nonfinite_positions": self.nonfinite,
+        }
+        if self.predicted:
+            ppl, ppl_ref = math.exp(self.nll_sum / self.predicted), math.exp(self.nll_ref_sum / self.predicted)
+            out.update(perplexity=ppl, perplexity_fp32=ppl_ref, ppl_increase=ppl / ppl_ref - 1.0)
+        return out
+
+
+def gate_violations(precision: str, metrics: dict, gate: GateConfig) -> list[str]:
+    """One message per bound a variant misses, naming the variant, the metric, its value and the bound."""
+    checks = [("top1_agreement", gate.min_top1, ">="), ("cosine", gate.min_cosine, ">="),
+              ("kl", gate.max_kl, "<="), ("ppl_increase", gate.max_ppl_increase, "<=")]
+    out = []
+    for metric, bound, op in checks:
+        if bound is None or metric not in metrics:
+            continue
+        value = metrics[metric]
+        ok = value >= bound if op == ">=" else value <= bound
+        if not ok or not math.isfinite(value):
+            out.append(f"{precision}: {metric} {value:.4g} is not {op} {bound:g}")
+    if metrics.get("nonfinite_positions"):
+        out.append(f"{precision}: {metrics['nonfinite_positions']} positions have non-finite logits")
+    return out

@@ -1,0 +1,65 @@
+"""Stage `evaluate` (matrix over evaluate.variants): fidelity of each CPU variant against the FP32 ONNX model.
+
+Held-out windows of the text source (never calibration or training text) go through both models on onnxruntime's
+CPU EP; metrics/evaluate/<precision>.json gets top-1 agreement, cosine, KL, max |error| and perplexities, and the
+variant's gate (evaluate.gates) decides pass or fail (or only warns, with evaluate.mode=warn).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, onnx_export
+from antinet_npu.config import REFERENCE, Config
+from antinet_npu.provenance import record
+
+log = logging.getLogger("evaluate")
+
+
+def run(cfg: Config, precision: str) -> dict:
+    ev = cfg.evaluate
+    if precision not in ev.variants:
+        raise AntinetError(f"unknown precision {precision!r}: evaluate.variants has {', '.join(ev.variants)}")
+    ref_path = artifacts.onnx_path(cfg.model.name)
+    var_path = ref_path.parent / ev.variants[precision]
+    onnx_export.check_model(ref_path)
+    if not var_path.is_file():
+        raise AntinetError(f"{var_path} not found: run `dvc repro quantize@{precision}` first")
+    snapshot = artifacts.pytorch_dir(cfg.model.name)
+    tokenizer = checkpoint.load_tokenizer(snapshot)
+    limit = checkpoint.max_positions(checkpoint.load_config(snapshot))
+    if ev.seq_len > limit:
+        raise AntinetError(f"evaluate.seq_len {ev.seq_len} exceeds the model's maximum positions ({limit}): "
+                           "lower evaluate.seq_len")
+    windows = corpus.windows(tokenizer, corpus.split_documents(cfg.text)["eval"], ev.seq_len, ev.num_samples,
+                             "evaluation")
+
+    start = time.perf_counter()
+    reference = onnx_export.cpu_session(ref_path, ev.threads)
+    variant = reference if var_path == ref_path else onnx_export.cpu_session(var_path, ev.threads)
+    meter = fidelity.FidelityMeter()
+    for i, ids in enumerate(windows):
+        ids = ids[None, :]
+        meter.add(onnx_export.run_logits(reference, ids), onnx_export.run_logits(variant, ids), ids)
+        if (i + 1) % max(1, len(windows) // 4) == 0:
+            log.info("%s: %d/%d windows", precision, i + 1, len(windows))
+    result = meter.result()
+    gate = ev.gate(precision)
+    violations = [] if precision == REFERENCE else fidelity.gate_violations(precision, result, gate)
+    metrics = record(model=cfg.model.name, precision=precision, backend="ort-cpu", device="cpu", emulated=False,
+                     samples=len(windows), seq_len=ev.seq_len, **result,
+                     size_mb=round(artifacts.onnx_size_mb(var_path), 3),
+                     size_ratio=round(artifacts.onnx_size_mb(var_path) / artifacts.onnx_size_mb(ref_path), 4),
+                     gate_passed=not violations, seconds=round(time.perf_counter() - start, 2))
+    artifacts.write_metrics(artifacts.METRICS / "evaluate" / f"{precision}.json", metrics)
+    log.info("%s: top-1 %.4f, cosine %.5f, KL %.2e, perplexity %.2f (FP32 %.2f, %+.2f%%), %s", precision,
+             result["top1_agreement"], result["cosine"], result["kl"], result["perplexity"],
+             result["perplexity_fp32"], 100 * result["ppl_increase"], "gate passed" if not violations else
+             "GATE FAILED")
+    if violations:
+        message = "fidelity gate: " + "; ".join(violations) + f" (bounds in evaluate.gates; mode {ev.mode})"
+        if ev.mode == "fail":
+            raise AntinetError(message)
+        log.warning(message)
+    return metrics

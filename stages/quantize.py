@@ -1,0 +1,57 @@
+"""Stage `quantize` (matrix over quantize.precisions): FP32 ONNX -> `models/onnx/<model>-<precision>.onnx`.
+
+The recipe for each precision comes from `quantize.recipes.<precision>`; fidelity is measured by `evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+
+from antinet_npu import AntinetError, artifacts, onnx_export, quantization
+from antinet_npu.config import Config
+from antinet_npu.provenance import record
+
+log = logging.getLogger("quantize")
+# Recipe fields that matter for each method (recorded in the metrics; the rest do not apply).
+METHOD_FIELDS = {
+    "fp16": ("keep_io_types",),
+    "dynamic-int8": ("weight_type", "per_channel", "reduce_range"),
+    "matmul-nbits": ("bits", "block_size", "symmetric", "accuracy_level"),
+}
+
+
+def run(cfg: Config, precision: str) -> dict:
+    recipes = cfg.quantize.recipes
+    if precision not in recipes:
+        raise AntinetError(f"unknown precision {precision!r}: valid ones are {', '.join(recipes)} "
+                           "(or add a recipe under quantize.recipes)")
+    recipe = recipes[precision]
+    src, out = artifacts.onnx_path(cfg.model.name), artifacts.onnx_path(cfg.model.name, precision)
+    onnx_export.check_model(src)
+    start = time.perf_counter()
+    log.info("quantizing %s -> %s (%s)", src, out, recipe.method)
+    with artifacts.staged_files(out.parent) as tmp:
+        model = quantization.quantize(src, recipe)
+        ops = quantization.op_histogram(model)
+        onnx_export.save(model, tmp / out.name)
+        del model
+        gc.collect()
+    size_mb, fp32_mb = artifacts.onnx_size_mb(out), artifacts.onnx_size_mb(src)
+    settings = {k: v for k, v in dataclasses.asdict(recipe).items() if k in METHOD_FIELDS[recipe.method]}
+    metrics = record(model=cfg.model.name, precision=precision, method=recipe.method, **settings,
+                     excluded_nodes=len(recipe.nodes_to_exclude), size_mb=round(size_mb, 3),
+                     size_ratio=round(size_mb / fp32_mb, 4), quantized_ops=_quantized_ops(ops),
+                     seconds=round(time.perf_counter() - start, 2))
+    artifacts.write_metrics(artifacts.METRICS / "quantize" / f"{precision}.json", metrics)
+    log.info("%s: %.1f MB (%.2fx FP32), %d quantized ops, in %.1f s", out, size_mb, metrics["size_ratio"],
+             metrics["quantized_ops"], metrics["seconds"])
+    return metrics
+
+
+def _quantized_ops(ops: dict[str, int]) -> int:
+    return sum(n for op, n in ops.items()
+               if op in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "GatherBlockQuantized")
+               or op.startswith("QLinear"))

@@ -1,0 +1,131 @@
+"""Stages `quantize` and `evaluate` on the builtin model: real sizes, real fidelity, gates that catch damage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from antinet_npu.onnx_export import save
+from conftest import TEST_OVERRIDES, clone_project, reproduce, run_cli
+
+pytestmark = pytest.mark.slow
+PRECISIONS = ["fp16", "int8-dynamic", "int8-block", "int4-block"]
+
+
+def _metrics(project, kind, precision):
+    return json.loads((project / "metrics" / kind / f"{precision}.json").read_text())
+
+
+def test_repro_builds_four_variants_and_five_evaluations(pipeline):
+    assert {f"quantize@{p}" for p in PRECISIONS} | {f"evaluate@{p}" for p in ["fp32", *PRECISIONS]} <= \
+        set(pipeline.first_run)
+    for p in PRECISIONS:
+        assert (pipeline.path / f"models/onnx/tiny-qwen2-{p}.onnx").is_file()
+        q = _metrics(pipeline.path, "quantize", p)
+        assert q["size_mb"] > 0 and q["seconds"] >= 0 and q["peak_rss_mb"] > 0 and q["versions"]["onnxruntime"]
+    for p in ["fp32", *PRECISIONS]:
+        m = _metrics(pipeline.path, "evaluate", p)
+        for key in ("top1_agreement", "cosine", "kl", "max_abs_error", "perplexity", "perplexity_fp32",
+                    "ppl_increase", "size_mb", "gate_passed", "backend", "device", "emulated"):
+            assert key in m, key
+        assert m["gate_passed"] is True and m["emulated"] is False
+
+
+def test_reference_is_exact_and_perplexity_is_meaningful(pipeline):
+    m = _metrics(pipeline.path, "evaluate", "fp32")
+    assert m["top1_agreement"] == 1.0 and m["kl"] == 0.0 and m["max_abs_error"] == 0.0
+    # A trained model predicts held-out text far better than uniform guessing over its 2048-token vocabulary.
+    assert m["perplexity"] < 2048 / 2
+
+
+def test_fp16_agrees_with_fp32(pipeline):
+    m = _metrics(pipeline.path, "evaluate", "fp16")
+    assert m["top1_agreement"] >= 0.99 and m["cosine"] >= 0.9999
+
+
+def test_int8_files_are_under_four_tenths_of_fp32(pipeline):
+    for p in ("int8-dynamic", "int8-block"):
+        assert _metrics(pipeline.path, "quantize", p)["size_ratio"] < 0.4, p
+    assert _metrics(pipeline.path, "quantize", "int4-block")["size_ratio"] < \
+        _metrics(pipeline.path, "quantize", "int8-block")["size_ratio"]
+
+
+def _damage(path, factor):
+    """Scale every block-quantization scale of a MatMulNBits model: a plausible but broken variant."""
+    model = onnx.load(path)
+    for init in model.graph.initializer:
+        if init.name.endswith("_scales"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+    save(model, path)
+
+
+def test_damaged_variant_fails_the_gate(pipeline, tmp_path):
+    project = clone_project(pipeline.path, tmp_path / "p")
+    _damage(project / "models/onnx/tiny-qwen2-int8-block.onnx", 1.5)
+    proc = run_cli(project, "evaluate", "--precision", "int8-block")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "fidelity gate: int8-block: top1_agreement" in last and "is not >= 0.95" in last, last
+    assert _metrics(project, "evaluate", "int8-block")["gate_passed"] is False
+
+    proc = run_cli(project, "evaluate", "--precision", "int8-block", *TEST_OVERRIDES, "evaluate.mode=warn")
+    assert proc.returncode == 0 and "fidelity gate: int8-block" in proc.stderr
+
+
+def test_params_change_reruns_only_that_variant(pipeline, tmp_path):
+    project = clone_project(pipeline.path, tmp_path / "p")
+    before = _metrics(project, "quantize", "int8-dynamic")
+    change = ["quantize.recipes.int8-dynamic.weight_type=QInt8", "quantize.recipes.int8-dynamic.per_channel=true"]
+    run_cli(project, "compose", "--write", *TEST_OVERRIDES, *change, check=True)
+    assert reproduce(project) == ["evaluate@int8-dynamic", "quantize@int8-dynamic"]
+    after = _metrics(project, "quantize", "int8-dynamic")
+    assert (before["weight_type"], after["weight_type"]) == ("QUInt8", "QInt8") and after["per_channel"] is True
+    # An evaluate-only key makes every evaluation stale, and nothing else.
+    run_cli(project, "compose", "--write", *TEST_OVERRIDES, *change, "evaluate.num_samples=4", check=True)
+    assert reproduce(project, dry=True) == [f"evaluate@{p}" for p in sorted(["fp32", *PRECISIONS])]
+
+
+def _error_line(proc, command):
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"antinet-npu {command}: error:"), proc.stderr
+    return last
+
+
+def test_unknown_precision(pipeline):
+    line = _error_line(run_cli(pipeline.path, "quantize", "--precision", "int3"), "quantize")
+    assert "unknown precision 'int3': valid ones are fp16, int8-dynamic, int8-block, int4-block" in line
+    line = _error_line(run_cli(pipeline.path, "quantize", "--precision", "fp16", "quantize.precisions=[fp8]"),
+                       "quantize")
+    assert "unknown precision 'fp8'" in line
+
+
+def test_missing_and_empty_text_source(pipeline, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("\n\n")
+    for source, expected in ((tmp_path / "nope", "does not exist"), (tmp_path / "empty", "holds no text")):
+        line = _error_line(run_cli(pipeline.path, "evaluate", "--precision", "fp16", f"text.source={source}"),
+                           "evaluate")
+        assert expected in line
+
+
+def test_sample_length_beyond_max_positions(pipeline):
+    line = _error_line(run_cli(pipeline.path, "evaluate", "--precision", "fp16", "evaluate.seq_len=4096"),
+                       "evaluate")
+    assert "exceeds the model's maximum positions (512)" in line
+
+
+def test_corrupt_or_missing_input_onnx(pipeline, tmp_path):
+    project = clone_project(pipeline.path, tmp_path / "p")
+    (project / "models/onnx/tiny-qwen2.onnx").write_bytes(b"not a protobuf")
+    line = _error_line(run_cli(project, "quantize", "--precision", "int8-block"), "quantize")
+    assert "is not a valid ONNX model" in line
+    assert not list((project / "models/onnx").glob(".*"))
+    (project / "models/onnx/tiny-qwen2.onnx").unlink()
+    line = _error_line(run_cli(project, "quantize", "--precision", "int8-block"), "quantize")
+    assert "not found: run the stage that builds it" in line
