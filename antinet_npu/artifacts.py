@@ -29,6 +29,21 @@ def onnx_path(model: str, precision: str = "fp32") -> Path:
     return MODELS / "onnx" / (f"{model}.onnx" if precision == "fp32" else f"{model}-{precision}.onnx")
 
 
+def npu_onnx_path(model: str, seq_len: int) -> Path:
+    """Static-shape FP32 graph for the NPU at sequence length `seq_len`."""
+    return MODELS / "npu" / f"{model}-s{seq_len}.onnx"
+
+
+def qdq_path(model: str, precision: str, seq_len: int) -> Path:
+    """Static QDQ model (the input of QNN compilation)."""
+    return MODELS / "qnn" / f"{model}-{precision}-s{seq_len}.onnx"
+
+
+def ctx_path(model: str, precision: str, seq_len: int) -> Path:
+    """QNN context model; its binary is the `<stem>_qnn.bin` beside it."""
+    return MODELS / "qnn" / f"{model}-{precision}-s{seq_len}_ctx.onnx"
+
+
 def external_data(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 

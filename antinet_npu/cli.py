@@ -21,6 +21,12 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                  [("--precision", dict(required=True, help="a key of quantize.recipes, e.g. int8-block"))]),
     "evaluate": ("fidelity of a variant vs the FP32 ONNX model -> metrics/evaluate/<precision>.json",
                  [("--precision", dict(required=True, help="a key of evaluate.variants, e.g. fp32 or int8-block"))]),
+    "export-npu": ("PyTorch snapshot -> static-shape graph models/npu/<model>-s<S>.onnx for the NPU",
+                   [("--seq-len", dict(required=True, type=int, help="static sequence length, e.g. 128"))]),
+    "compile": ("static graph -> QDQ -> QNN context binary models/qnn/<model>-<precision>-s<S>_ctx.onnx + .bin, "
+                "verified on the QNN HTP backend",
+                [("--precision", dict(required=True, help="a key of compile.recipes, e.g. w8a16")),
+                 ("--seq-len", dict(required=True, type=int, help="static sequence length, e.g. 128"))]),
 }
 
 EPILOG = """\
@@ -99,5 +105,5 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # per-tensor progress bars drown the stage's own progress lines
     options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "overrides", "params")}
-    _stage_module(args.command).run(cfg, **options)
+    _stage_module(args.command.replace("-", "_")).run(cfg, **options)
     return 0

@@ -208,6 +208,82 @@ class EvaluateConfig:
         return self.gates.get(precision) or self.gates.get("default") or GateConfig()
 
 
+HTP_PERF_MODES = ("burst", "balanced", "default", "high_performance", "power_saver", "low_power_saver",
+                  "high_power_saver", "extreme_power_saver", "sustained_high_performance")
+
+
+@dataclass
+class TargetConfig:
+    """The NPU the context binaries are compiled for (QNN EP provider options)."""
+
+    name: str = field(default="snapdragon-x-elite", metadata=_help("label recorded in metrics"))
+    soc_model: int = field(default=60, metadata=_help("QNN SoC id: 60 = Snapdragon X Elite"))
+    htp_arch: int = field(default=73, metadata=_help("Hexagon architecture version (v73)"))
+    htp_performance_mode: str = field(default="burst", metadata=_help(", ".join(HTP_PERF_MODES)))
+    htp_graph_finalization_optimization_mode: int = field(default=3, metadata=_help("0 (fast) .. 3 (best)"))
+
+    def check(self) -> None:
+        _require(self.htp_performance_mode in HTP_PERF_MODES,
+                 f"target.htp_performance_mode must be one of {', '.join(HTP_PERF_MODES)}")
+        _require(0 <= self.htp_graph_finalization_optimization_mode <= 3,
+                 "target.htp_graph_finalization_optimization_mode must be 0..3")
+
+
+QDQ_TYPES = ("QUInt8", "QInt8", "QUInt16", "QInt16")
+CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
+
+
+@dataclass
+class QdqRecipeConfig:
+    """Static QDQ quantization for the HTP backend (onnxruntime's get_qnn_qdq_config)."""
+
+    activation_type: str = field(default="QUInt16", metadata=_help(", ".join(QDQ_TYPES)))
+    weight_type: str = field(default="QUInt8", metadata=_help(", ".join(QDQ_TYPES)))
+    per_channel: bool = False
+    calibrate_method: str = field(default="MinMax", metadata=_help(", ".join(CALIBRATION_METHODS)))
+    activation_symmetric: bool = False
+    nodes_to_exclude: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        _require(self.activation_type in QDQ_TYPES and self.weight_type in QDQ_TYPES,
+                 f"activation_type and weight_type must be one of {', '.join(QDQ_TYPES)}")
+        _require(self.calibrate_method in CALIBRATION_METHODS,
+                 f"calibrate_method must be one of {', '.join(CALIBRATION_METHODS)}")
+
+
+@dataclass
+class CompileConfig:
+    precisions: list[str] = field(default_factory=list, metadata=_help("QDQ recipes to compile (matrix)"))
+    seq_lens: list[int] = field(default_factory=list, metadata=_help("static sequence lengths (matrix)"))
+    recipes: dict[str, QdqRecipeConfig] = field(default_factory=dict)
+    opset: int = field(default=17, metadata=_help("opset of the static FP32 export"))
+    mask_value: float = field(default=-100.0, metadata=_help("additive causal mask value above the diagonal"))
+    calib_samples: int = field(default=16, metadata=_help("calibration windows (calib split)"))
+    verify_samples: int = field(default=4, metadata=_help("held-out windows run on the QNN backend"))
+    allow_cpu_fallback: bool = field(default=False, metadata=_help("accept compute nodes outside the context"))
+    mode: str = field(default="fail", metadata=_help("fail | warn when under the fidelity gate"))
+    gates: dict[str, GateConfig] = field(default_factory=dict)
+
+    def check(self) -> None:
+        for name in self.precisions:
+            _require(name in self.recipes, f"compile.precisions lists unknown precision {name!r}: valid ones are "
+                     f"{', '.join(self.recipes)} (add a recipe under compile.recipes)")
+        for seq in self.seq_lens:
+            _require(seq > 1, f"compile.seq_lens must be > 1, got {seq}")
+        _require(self.calib_samples > 0 and self.verify_samples > 0,
+                 "compile.calib_samples and compile.verify_samples must be > 0")
+        _require(self.mode in GATE_MODES, f"compile.mode must be one of {', '.join(GATE_MODES)}")
+        _require(self.mask_value < 0, "compile.mask_value must be negative")
+        for name, recipe in self.recipes.items():
+            try:
+                recipe.check()
+            except AntinetError as exc:
+                raise AntinetError(f"compile.recipes.{name}: {exc}") from None
+
+    def gate(self, precision: str) -> GateConfig:
+        return self.gates.get(precision) or self.gates.get("default") or GateConfig()
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -215,6 +291,8 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
 
 def load(params: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Config:

@@ -20,6 +20,7 @@ from antinet_npu.artifacts import MODELS, external_data
 
 log = logging.getLogger(__name__)
 INPUTS = ("input_ids", "attention_mask")
+STATIC_INPUTS = ("input_ids", "attention_mask", "position_ids")
 OUTPUT = "logits"
 
 
@@ -55,6 +56,47 @@ def export_dynamic(model: torch.nn.Module, out: Path, opset: int, exporter: str 
             else:
                 torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), raw, dynamo=False,
                                   dynamic_axes=dynamic_axes, **kwargs)
+        save(onnx.load(raw), out)
+
+
+class StaticCausalLM(torch.nn.Module):
+    """(input_ids, additive float mask (1, 1, S, S), position_ids) -> logits: the NPU-friendly form.
+
+    The HTP backend needs static shapes and rejects the Where-based mask transformers builds from an int64
+    attention_mask, so the mask is an input, computed once on the host (`causal_mask`).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits
+
+
+def causal_mask(seq_len: int, mask_value: float) -> np.ndarray:
+    """Additive causal mask (1, 1, S, S): 0 on and below the diagonal, `mask_value` above."""
+    return np.triu(np.full((seq_len, seq_len), mask_value, dtype=np.float32), 1)[None, None]
+
+
+def static_feeds(input_ids: np.ndarray, mask_value: float) -> dict[str, np.ndarray]:
+    """Inputs of a static graph for one (1, S) window."""
+    seq = input_ids.shape[-1]
+    return {"input_ids": input_ids.reshape(1, seq).astype(np.int64), "attention_mask": causal_mask(seq, mask_value),
+            "position_ids": np.arange(seq, dtype=np.int64)[None]}
+
+
+def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, mask_value: float) -> None:
+    """Static-shape export for the NPU: batch 1, `seq_len` tokens, eager attention, TorchScript exporter."""
+    feeds = {k: torch.from_numpy(v) for k, v in static_feeds(np.zeros((1, seq_len), np.int64), mask_value).items()}
+    MODELS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".export-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad():
+            torch.onnx.export(StaticCausalLM(model), tuple(feeds[k] for k in STATIC_INPUTS), raw, dynamo=False,
+                              input_names=list(STATIC_INPUTS), output_names=[OUTPUT], opset_version=opset)
         save(onnx.load(raw), out)
 
 
@@ -94,6 +136,12 @@ def cpu_session(path: Path, threads: int = 0, optimization: str = "all"):
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise AntinetError(f"onnxruntime cannot load {path} ({str(exc).strip().splitlines()[0][:200]}): delete it "
                            "and re-run `dvc repro`") from None
+
+
+def static_seq_len(session) -> int | None:
+    """The fixed sequence length of a static graph's input_ids, or None when dynamic."""
+    dim = next(i for i in session.get_inputs() if i.name == "input_ids").shape[-1]
+    return dim if isinstance(dim, int) else None
 
 
 def run_logits(session, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:

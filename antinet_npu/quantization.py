@@ -1,7 +1,8 @@
-"""CPU precision recipes: FP32 ONNX model in, quantized ONNX model out. One function per method, one registry.
+"""Quantization recipes: FP32 ONNX model in, quantized ONNX model out.
 
-Static QDQ recipes for the NPU are not here: they are calibrated and verified on the QNN backend by `compile`,
-because onnxruntime's CPU EP is no proxy for NPU numerics (see README, "Why QDQ is not evaluated on CPU").
+CPU recipes (one function per method, one registry) feed `quantize`; the static QDQ recipe for the HTP backend
+(`qdq_static`) feeds `compile`, which verifies it on the QNN backend, because onnxruntime's CPU EP is no proxy for
+NPU numerics.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from antinet_npu.artifacts import MODELS
-from antinet_npu.config import RecipeConfig
+from antinet_npu.config import QdqRecipeConfig, RecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,32 @@ METHODS: dict[str, Callable[[Path, RecipeConfig], onnx.ModelProto]] = {
 
 def quantize(src: Path, recipe: RecipeConfig) -> onnx.ModelProto:
     return METHODS[recipe.method](src, recipe)
+
+
+def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict]) -> onnx.ModelProto:
+    """Static QDQ for QNN: activation/weight types from the recipe, ranges calibrated on `calibration` feeds."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantType
+    from onnxruntime.quantization import quantize as ort_quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(calibration)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    config = get_qnn_qdq_config(str(src), Feeds(), calibrate_method=getattr(CalibrationMethod, recipe.calibrate_method),
+                                activation_type=getattr(QuantType, recipe.activation_type),
+                                weight_type=getattr(QuantType, recipe.weight_type), per_channel=recipe.per_channel,
+                                activation_symmetric=recipe.activation_symmetric,
+                                nodes_to_exclude=recipe.nodes_to_exclude or None)
+    config.use_external_data_format = True
+    MODELS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".qdq-") as tmp:
+        out = Path(tmp) / "qdq.onnx"
+        ort_quantize(str(src), str(out), config)
+        return onnx.load(out)
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

@@ -1,0 +1,143 @@
+"""The QNN execution provider (onnxruntime-qnn, plugin form): registration, provider options, context binaries.
+
+On Linux/Windows x86_64 the HTP backend is Qualcomm's emulator of the Hexagon NPU: real graphs and real context
+binaries, but its timings say nothing about the NPU, so everything it runs is labelled `emulated`.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import onnx
+
+from antinet_npu import AntinetError
+from antinet_npu.config import TargetConfig
+
+EP_NAME = "QNNExecutionProvider"
+BACKENDS = ("htp", "gpu")
+BOUNDARY_OPS = ("QuantizeLinear", "DequantizeLinear")  # graph-edge conversions, not compute
+_registered = False
+
+
+def require():
+    """The onnxruntime_qnn module, or a one-line error saying how to get it."""
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        raise AntinetError("onnxruntime-qnn is not installed: install the qnn extra "
+                           "(pip install 'antinet-npu[qnn]')") from None
+    return onnxruntime_qnn
+
+
+def emulated() -> bool:
+    """True where the HTP backend is the x86_64 emulator rather than a Hexagon NPU."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i686")
+
+
+def device_name(backend: str = "htp") -> str:
+    if backend == "gpu":
+        return "adreno-gpu"
+    return "hexagon-htp-emulator" if emulated() else "hexagon-npu"
+
+
+def register() -> list:
+    """Register the plugin EP once per process; returns its devices."""
+    global _registered
+    import onnxruntime as ort
+
+    qnn = require()
+    if not _registered:
+        ort.register_execution_provider_library(EP_NAME, qnn.get_library_path())
+        _registered = True
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    if not devices:
+        raise AntinetError("onnxruntime-qnn registered no QNN device: reinstall the qnn extra")
+    return devices
+
+
+def provider_options(target: TargetConfig, backend: str = "htp", perf_mode: str | None = None) -> dict[str, str]:
+    qnn = require()
+    if backend == "gpu":
+        return {"backend_path": qnn.get_qnn_gpu_path()}
+    return {
+        "backend_path": qnn.get_qnn_htp_path(),
+        "soc_model": str(target.soc_model),
+        "htp_arch": str(target.htp_arch),
+        "htp_performance_mode": perf_mode or target.htp_performance_mode,
+        "htp_graph_finalization_optimization_mode": str(target.htp_graph_finalization_optimization_mode),
+    }
+
+
+def session(model: Path, target: TargetConfig, *, backend: str = "htp", perf_mode: str | None = None,
+            context_out: Path | None = None, allow_cpu_fallback: bool = True):
+    """An onnxruntime session on the QNN backend; with `context_out`, also writes a context binary there."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if context_out is not None:
+        opts.add_session_config_entry("ep.context_enable", "1")
+        opts.add_session_config_entry("ep.context_file_path", str(context_out))
+        opts.add_session_config_entry("ep.context_embed_mode", "0")  # the .bin beside the _ctx.onnx
+    if not allow_cpu_fallback:
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    opts.add_provider_for_devices(register(), provider_options(target, backend, perf_mode))
+    try:
+        return ort.InferenceSession(str(model), opts)
+    except Exception as exc:  # onnxruntime's Fail / InvalidGraph / RuntimeException
+        first = str(exc).strip().splitlines()[0][:300]
+        raise AntinetError(f"the QNN {backend.upper()} backend could not build {model.name}: {first}") from None
+
+
+def compile_context(qdq_model: Path, ctx_model: Path, target: TargetConfig, allow_cpu_fallback: bool = False) -> None:
+    """Ahead-of-time compile `qdq_model` into `ctx_model` (`<name>_ctx.onnx`) and its `<name>_ctx_qnn.bin`.
+
+    Without `allow_cpu_fallback` every node must land in the QNN context. When one does not, the graph is compiled
+    once more with fallback allowed, only to name the nodes the HTP backend rejected. The EP refuses to overwrite,
+    so `ctx_model` must not exist yet.
+    """
+    if ctx_model.exists():
+        raise AntinetError(f"{ctx_model} already exists and the QNN EP will not overwrite it: remove it first")
+    try:
+        session(qdq_model, target, context_out=ctx_model, allow_cpu_fallback=allow_cpu_fallback)
+    except AntinetError:
+        if allow_cpu_fallback:
+            raise
+        probe = ctx_model.with_name(f"probe-{ctx_model.name}")
+        session(qdq_model, target, context_out=probe, allow_cpu_fallback=True)
+        _, outside = nodes_outside_context(probe, boundary_is_compute=True)
+        for path in (probe, *context_binaries(probe)):
+            path.unlink(missing_ok=True)
+        if not outside:
+            raise
+        name, op = outside[0]
+        raise AntinetError(f"{len(outside)} node(s) of {qdq_model.name} would run on CPU, e.g. {name!r} (op {op}): "
+                           "the HTP backend rejected them; exclude or rewrite them, or set "
+                           "compile.allow_cpu_fallback=true") from None
+    if not ctx_model.is_file():
+        raise AntinetError(f"the QNN EP wrote no context model for {qdq_model.name}")
+
+
+def context_binaries(ctx_model: Path) -> list[Path]:
+    """The `.bin` files an EPContext model references (relative to it)."""
+    model = onnx.load(ctx_model, load_external_data=False)
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "EPContext":
+            attrs = {a.name: a for a in node.attribute}
+            if "ep_cache_context" in attrs and attrs.get("embed_mode") and attrs["embed_mode"].i == 0:
+                out.append(ctx_model.parent / attrs["ep_cache_context"].s.decode())
+    return out
+
+
+def nodes_outside_context(ctx_model: Path, boundary_is_compute: bool = False) -> tuple[int, list[tuple[str, str]]]:
+    """(number of EPContext nodes, [(name, op_type)] of nodes left to run on CPU).
+
+    Quantize/DequantizeLinear nodes are not counted unless `boundary_is_compute`.
+    """
+    model = onnx.load(ctx_model, load_external_data=False)
+    contexts = sum(n.op_type == "EPContext" for n in model.graph.node)
+    outside = [(n.name, n.op_type) for n in model.graph.node
+               if n.op_type != "EPContext" and (boundary_is_compute or n.op_type not in BOUNDARY_OPS)]
+    return contexts, outside

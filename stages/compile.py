@@ -1,0 +1,93 @@
+"""Stage `compile` (matrix over compile.precisions x compile.seq_lens): static FP32 graph -> QNN context binary.
+
+Static QDQ calibrated on the calib split, compiled ahead of time by the QNN EP for the target NPU
+(`models/qnn/<model>-<precision>-s<S>_ctx.onnx` + `_ctx_qnn.bin`), then verified: the context runs held-out windows
+on the HTP backend (the x86_64 emulator here, labelled `emulated`) and is compared with the FP32 graph on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, onnx_export, qnn, quantization
+from antinet_npu.config import Config
+from antinet_npu.provenance import record
+from antinet_npu.stages.export_npu import check_seq_len
+
+log = logging.getLogger("compile")
+
+
+def run(cfg: Config, precision: str, seq_len: int) -> dict:
+    cc = cfg.compile
+    qnn.require()
+    if precision not in cc.recipes:
+        raise AntinetError(f"unknown NPU precision {precision!r}: valid ones are {', '.join(cc.recipes)} "
+                           "(or add a recipe under compile.recipes)")
+    recipe = cc.recipes[precision]
+    src = artifacts.npu_onnx_path(cfg.model.name, seq_len)
+    if not src.is_file():
+        raise AntinetError(f"{src} not found: run `dvc repro export-npu@{seq_len}` first")
+    onnx_export.check_model(src)
+    snapshot = artifacts.pytorch_dir(cfg.model.name)
+    check_seq_len(seq_len, checkpoint.max_positions(checkpoint.load_config(snapshot)))
+    tokenizer = checkpoint.load_tokenizer(snapshot)
+    splits = corpus.split_documents(cfg.text)
+    calibration = [onnx_export.static_feeds(w, cc.mask_value)
+                   for w in corpus.windows(tokenizer, splits["calib"], seq_len, cc.calib_samples, "calibration")]
+    held_out = corpus.windows(tokenizer, splits["eval"], seq_len, cc.verify_samples, "evaluation")
+
+    qdq_out = artifacts.qdq_path(cfg.model.name, precision, seq_len)
+    ctx_out = artifacts.ctx_path(cfg.model.name, precision, seq_len)
+    with artifacts.staged_files(ctx_out.parent) as tmp:
+        start = time.perf_counter()
+        log.info("static QDQ %s (%s activations, %s weights), %d calibration windows", precision,
+                 recipe.activation_type, recipe.weight_type, len(calibration))
+        model = quantization.qdq_static(src, recipe, calibration)
+        compute_nodes = sum(n.op_type not in qnn.BOUNDARY_OPS for n in model.graph.node)
+        onnx_export.save(model, tmp / qdq_out.name)
+        del model, calibration
+        gc.collect()
+        quantize_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        log.info("compiling the QNN context for %s (soc_model %d, htp_arch v%d)", cfg.target.name,
+                 cfg.target.soc_model, cfg.target.htp_arch)
+        qnn.compile_context(tmp / qdq_out.name, tmp / ctx_out.name, cfg.target, cc.allow_cpu_fallback)
+        compile_seconds = time.perf_counter() - start
+        contexts, outside = qnn.nodes_outside_context(tmp / ctx_out.name)
+        bins = qnn.context_binaries(tmp / ctx_out.name)
+
+        start = time.perf_counter()
+        log.info("verifying on the QNN HTP backend%s: %d held-out windows", " (emulator)" if qnn.emulated() else "",
+                 len(held_out))
+        npu = qnn.session(tmp / ctx_out.name, cfg.target, allow_cpu_fallback=cc.allow_cpu_fallback)
+        reference = onnx_export.cpu_session(src)
+        meter = fidelity.FidelityMeter()
+        for ids in held_out:
+            feeds = onnx_export.static_feeds(ids, cc.mask_value)
+            meter.add(reference.run(None, feeds)[0], npu.run(None, feeds)[0], feeds["input_ids"])
+        del npu, reference
+        result = meter.result()
+        violations = fidelity.gate_violations(f"{precision}-{seq_len}", result, cc.gate(precision))
+        metrics = record(
+            model=cfg.model.name, precision=precision, seq_len=seq_len, backend="qnn-htp",
+            device=qnn.device_name(), emulated=qnn.emulated(), target=cfg.target.name,
+            soc_model=cfg.target.soc_model, htp_arch=cfg.target.htp_arch, activation_type=recipe.activation_type,
+            weight_type=recipe.weight_type, samples=len(held_out), **result, context_nodes=contexts,
+            compute_nodes=compute_nodes, cpu_compute_nodes=len(outside),
+            qnn_node_fraction=round(1 - len(outside) / max(compute_nodes, 1), 6),
+            bin_size_mb=round(sum(b.stat().st_size for b in bins) / 1e6, 3),
+            qdq_size_mb=round(artifacts.onnx_size_mb(tmp / qdq_out.name), 3),
+            quantize_seconds=round(quantize_seconds, 2), compile_seconds=round(compile_seconds, 2),
+            verify_seconds=round(time.perf_counter() - start, 2), gate_passed=not violations)
+        artifacts.write_metrics(artifacts.METRICS / "compile" / f"{precision}-{seq_len}.json", metrics)
+        if violations and cc.mode == "fail":
+            raise AntinetError("fidelity gate: " + "; ".join(violations) + " (bounds in compile.gates)")
+    if violations:
+        log.warning("fidelity gate: %s", "; ".join(violations))
+    log.info("%s + %s (%.1f MB): top-1 %.4f, cosine %.5f vs FP32, %d/%d compute nodes in QNN%s", ctx_out.name,
+             ", ".join(b.name for b in bins), metrics["bin_size_mb"], result["top1_agreement"], result["cosine"],
+             compute_nodes - len(outside), compute_nodes, " (emulated)" if qnn.emulated() else "")
+    return metrics

@@ -1,0 +1,54 @@
+"""Stage `export-npu` (matrix over compile.seq_lens): snapshot -> static FP32 graph `models/npu/<model>-s<S>.onnx`.
+
+input_ids (1, S), additive float causal mask (1, 1, S, S), position_ids (1, S) -> logits; eager attention. This is
+the graph the HTP backend accepts; `compile` quantizes and compiles it. Checked against the model's own forward.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+import numpy as np
+import torch
+
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, onnx_export
+from antinet_npu.config import Config
+from antinet_npu.provenance import record
+
+log = logging.getLogger("export-npu")
+
+
+def check_seq_len(seq_len: int, max_positions: int) -> None:
+    if seq_len > max_positions:
+        raise AntinetError(f"sequence length {seq_len} exceeds the model's maximum positions ({max_positions}): "
+                           "remove it from compile.seq_lens")
+
+
+def run(cfg: Config, seq_len: int) -> dict:
+    start = time.perf_counter()
+    snapshot = artifacts.pytorch_dir(cfg.model.name)
+    model = checkpoint.load_snapshot(snapshot)
+    check_seq_len(seq_len, checkpoint.max_positions(model.config))
+    ids = corpus.windows(checkpoint.load_tokenizer(snapshot), corpus.split_documents(cfg.text)["eval"], seq_len, 1,
+                         "evaluation")
+    with torch.no_grad():  # the model's own causal masking, as a user calls it
+        expected = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+    out = artifacts.npu_onnx_path(cfg.model.name, seq_len)
+    log.info("exporting static S=%d graph to %s", seq_len, out)
+    with artifacts.staged_files(out.parent) as tmp:
+        onnx_export.export_static(model, tmp / out.name, seq_len, cfg.compile.opset, cfg.compile.mask_value)
+        del model
+        gc.collect()
+        session = onnx_export.cpu_session(tmp / out.name)
+        got = session.run(None, onnx_export.static_feeds(ids, cfg.compile.mask_value))[0]
+        max_diff = float(np.abs(got - expected).max())
+        if not max_diff <= cfg.export.max_abs_diff:
+            raise AntinetError(f"static S={seq_len} graph differs from PyTorch by {max_diff:.3g} > "
+                               f"export.max_abs_diff {cfg.export.max_abs_diff}: check compile.mask_value")
+    metrics = record(model=cfg.model.name, seq_len=seq_len, opset=cfg.compile.opset, max_abs_diff=max_diff,
+                     size_mb=round(artifacts.onnx_size_mb(out), 3), seconds=round(time.perf_counter() - start, 2))
+    artifacts.write_metrics(artifacts.METRICS / "export-npu" / f"s{seq_len}.json", metrics)
+    log.info("%s: max |logits - PyTorch| %.2e, in %.1f s", out, max_diff, metrics["seconds"])
+    return metrics
