@@ -102,13 +102,13 @@ def compile_context(qdq_model: Path, ctx_model: Path, target: TargetConfig, allo
     try:
         session(qdq_model, target, context_out=ctx_model, allow_cpu_fallback=allow_cpu_fallback)
     except AntinetError:
+        _remove_context(ctx_model)  # the EP may have written it before the session failed
         if allow_cpu_fallback:
             raise
         probe = ctx_model.with_name(f"probe-{ctx_model.name}")
         session(qdq_model, target, context_out=probe, allow_cpu_fallback=True)
         _, outside = nodes_outside_context(probe, boundary_is_compute=True)
-        for path in (probe, *context_binaries(probe)):
-            path.unlink(missing_ok=True)
+        _remove_context(probe)
         if not outside:
             raise
         name, op = outside[0]
@@ -117,6 +117,13 @@ def compile_context(qdq_model: Path, ctx_model: Path, target: TargetConfig, allo
                            "compile.allow_cpu_fallback=true") from None
     if not ctx_model.is_file():
         raise AntinetError(f"the QNN EP wrote no context model for {qdq_model.name}")
+
+
+def _remove_context(ctx_model: Path) -> None:
+    if ctx_model.is_file():
+        for path in context_binaries(ctx_model):
+            path.unlink(missing_ok=True)
+        ctx_model.unlink()
 
 
 def context_binaries(ctx_model: Path) -> list[Path]:

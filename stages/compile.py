@@ -26,12 +26,12 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
         raise AntinetError(f"unknown NPU precision {precision!r}: valid ones are {', '.join(cc.recipes)} "
                            "(or add a recipe under compile.recipes)")
     recipe = cc.recipes[precision]
+    snapshot = artifacts.pytorch_dir(cfg.model.name)
+    check_seq_len(seq_len, checkpoint.max_positions(checkpoint.load_config(snapshot)))
     src = artifacts.npu_onnx_path(cfg.model.name, seq_len)
     if not src.is_file():
         raise AntinetError(f"{src} not found: run `dvc repro export-npu@{seq_len}` first")
     onnx_export.check_model(src)
-    snapshot = artifacts.pytorch_dir(cfg.model.name)
-    check_seq_len(seq_len, checkpoint.max_positions(checkpoint.load_config(snapshot)))
     tokenizer = checkpoint.load_tokenizer(snapshot)
     splits = corpus.split_documents(cfg.text)
     calibration = [onnx_export.static_feeds(w, cc.mask_value)
