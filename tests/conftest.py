@@ -46,6 +46,15 @@ def run_cli(cwd: Path, *args: str, check: bool = False) -> subprocess.CompletedP
     return proc
 
 
+def error_line(proc: subprocess.CompletedProcess, command: str) -> str:
+    """The one-line error a failed command printed last; asserts exit 1 and no traceback."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"antinet-npu {command}: error:"), proc.stderr
+    return last
+
+
 def reproduce(path: Path, *targets: str, **kwargs) -> list[str]:
     """Stages `dvc repro` ran (names), through DVC's Python API."""
     from dvc.repo import Repo

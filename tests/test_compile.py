@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from antinet_npu import AntinetError, qnn
 from antinet_npu.config import TargetConfig
-from conftest import clone_project, run_cli
+from conftest import clone_project, error_line, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -71,14 +71,6 @@ def test_op_rejected_by_htp_is_named(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no probe or partial context left
 
 
-def _error_line(proc, command):
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"antinet-npu {command}: error:"), proc.stderr
-    return last
-
-
 def test_missing_onnxruntime_qnn(pipeline, tmp_path):
     blocker = tmp_path / "block" / "onnxruntime_qnn"
     blocker.mkdir(parents=True)
@@ -89,18 +81,18 @@ def test_missing_onnxruntime_qnn(pipeline, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "block")}
     proc = subprocess.run([sys.executable, "-m", "antinet_npu", "compile", "--precision", "w8a16", "--seq-len", "32"],
                           cwd=pipeline.path, env=env, capture_output=True, text=True)
-    assert "onnxruntime-qnn is not installed: install the qnn extra" in _error_line(proc, "compile")
+    assert "onnxruntime-qnn is not installed: install the qnn extra" in error_line(proc, "compile")
 
 
 def test_sequence_longer_than_max_positions(pipeline):
-    line = _error_line(run_cli(pipeline.path, "export-npu", "--seq-len", "1024"), "export-npu")
+    line = error_line(run_cli(pipeline.path, "export-npu", "--seq-len", "1024"), "export-npu")
     assert "sequence length 1024 exceeds the model's maximum positions (512)" in line
-    line = _error_line(run_cli(pipeline.path, "compile", "--precision", "w8a16", "--seq-len", "1024"), "compile")
+    line = error_line(run_cli(pipeline.path, "compile", "--precision", "w8a16", "--seq-len", "1024"), "compile")
     assert "exceeds the model's maximum positions" in line
 
 
 def test_unknown_npu_precision_and_missing_static_graph(pipeline):
-    line = _error_line(run_cli(pipeline.path, "compile", "--precision", "w4a4", "--seq-len", "32"), "compile")
+    line = error_line(run_cli(pipeline.path, "compile", "--precision", "w4a4", "--seq-len", "32"), "compile")
     assert "unknown NPU precision 'w4a4': valid ones are w8a16, w8a8" in line
-    line = _error_line(run_cli(pipeline.path, "compile", "--precision", "w8a16", "--seq-len", "64"), "compile")
+    line = error_line(run_cli(pipeline.path, "compile", "--precision", "w8a16", "--seq-len", "64"), "compile")
     assert "tiny-qwen2-s64.onnx not found: run `dvc repro export-npu@64` first" in line

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from antinet_npu.onnx_export import cpu_session, run_logits
-from conftest import TEST_OVERRIDES, clone_project
+from conftest import TEST_OVERRIDES, clone_project, error_line
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +69,7 @@ def test_prepare_is_byte_identical_so_downstream_stays_cached(pipeline, tmp_path
 
 
 def _assert_clean_failure(proc, expected: str, project) -> None:
-    assert proc.returncode == 1, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("antinet-npu prepare: error:") and expected in last, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert expected in error_line(proc, "prepare")
     models = project.path / "models"
     assert not models.exists() or not any(p.name.endswith(".partial") for p in models.rglob("*"))
 

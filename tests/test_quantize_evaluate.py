@@ -10,7 +10,7 @@ import pytest
 from onnx import numpy_helper
 
 from antinet_npu.onnx_export import save
-from conftest import TEST_OVERRIDES, clone_project, reproduce, run_cli
+from conftest import TEST_OVERRIDES, clone_project, error_line, reproduce, run_cli
 
 pytestmark = pytest.mark.slow
 PRECISIONS = ["fp16", "int8-dynamic", "int8-block", "int4-block"]
@@ -89,18 +89,10 @@ def test_params_change_reruns_only_that_variant(pipeline, tmp_path):
     assert reproduce(project, dry=True) == [f"evaluate@{p}" for p in sorted(["fp32", *PRECISIONS])]
 
 
-def _error_line(proc, command):
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"antinet-npu {command}: error:"), proc.stderr
-    return last
-
-
 def test_unknown_precision(pipeline):
-    line = _error_line(run_cli(pipeline.path, "quantize", "--precision", "int3"), "quantize")
+    line = error_line(run_cli(pipeline.path, "quantize", "--precision", "int3"), "quantize")
     assert "unknown precision 'int3': valid ones are fp16, int8-dynamic, int8-block, int4-block" in line
-    line = _error_line(run_cli(pipeline.path, "quantize", "--precision", "fp16", "quantize.precisions=[fp8]"),
+    line = error_line(run_cli(pipeline.path, "quantize", "--precision", "fp16", "quantize.precisions=[fp8]"),
                        "quantize")
     assert "unknown precision 'fp8'" in line
 
@@ -109,13 +101,13 @@ def test_missing_and_empty_text_source(pipeline, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "blank.txt").write_text("\n\n")
     for source, expected in ((tmp_path / "nope", "does not exist"), (tmp_path / "empty", "holds no text")):
-        line = _error_line(run_cli(pipeline.path, "evaluate", "--precision", "fp16", f"text.source={source}"),
+        line = error_line(run_cli(pipeline.path, "evaluate", "--precision", "fp16", f"text.source={source}"),
                            "evaluate")
         assert expected in line
 
 
 def test_sample_length_beyond_max_positions(pipeline):
-    line = _error_line(run_cli(pipeline.path, "evaluate", "--precision", "fp16", "evaluate.seq_len=4096"),
+    line = error_line(run_cli(pipeline.path, "evaluate", "--precision", "fp16", "evaluate.seq_len=4096"),
                        "evaluate")
     assert "exceeds the model's maximum positions (512)" in line
 
@@ -123,9 +115,9 @@ def test_sample_length_beyond_max_positions(pipeline):
 def test_corrupt_or_missing_input_onnx(pipeline, tmp_path):
     project = clone_project(pipeline.path, tmp_path / "p")
     (project / "models/onnx/tiny-qwen2.onnx").write_bytes(b"not a protobuf")
-    line = _error_line(run_cli(project, "quantize", "--precision", "int8-block"), "quantize")
+    line = error_line(run_cli(project, "quantize", "--precision", "int8-block"), "quantize")
     assert "is not a valid ONNX model" in line
     assert not list((project / "models/onnx").glob(".*"))
     (project / "models/onnx/tiny-qwen2.onnx").unlink()
-    line = _error_line(run_cli(project, "quantize", "--precision", "int8-block"), "quantize")
+    line = error_line(run_cli(project, "quantize", "--precision", "int8-block"), "quantize")
     assert "not found: run the stage that builds it" in line
