@@ -27,6 +27,9 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                 "verified on the QNN HTP backend",
                 [("--precision", dict(required=True, help="a key of compile.recipes, e.g. w8a16")),
                  ("--seq-len", dict(required=True, type=int, help="static sequence length, e.g. 128"))]),
+    "bench": ("latency of one forward pass on one backend -> metrics/bench/<run>.json",
+              [("--run", dict(required=True, help="a key of bench.runs, e.g. ort-cpu-int8-block-128"))]),
+    "report": ("reports/benchmark.json (the seed's schema) from the bench metrics", []),
 }
 
 EPILOG = """\
@@ -51,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, kwargs in extra:
             p.add_argument(flag, **kwargs)
         _config_arguments(p)
+
+    p = sub.add_parser("verify", help="print the metrics table; exit 1 if a non-emulated run is over budget or a "
+                       "fidelity gate failed", description="The seed's verify_compliance: reads metrics/ (bench, "
+                       "evaluate, compile), prints a table, exits 1 when a benchmark that did not run on an emulator "
+                       "is over its latency budget or a variant failed its fidelity gate, 0 otherwise.")
+    p.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
 
     p = sub.add_parser("compose", help="compose conf/ (plus overrides) as DVC does; print it or write params.yaml",
                        description="Compose conf/ with Hydra exactly as `dvc exp run` does and print the YAML; "
@@ -88,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from antinet_npu import config
 
+    if args.command == "verify":
+        from pathlib import Path
+
+        from antinet_npu.verify import main as verify_main
+
+        return verify_main(Path(args.metrics))
     if args.command == "compose":
         text = config.to_yaml(config.compose(args.overrides))
         config.validate(config.compose(args.overrides), source="composed config")

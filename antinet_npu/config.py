@@ -284,6 +284,48 @@ class CompileConfig:
         return self.gates.get(precision) or self.gates.get("default") or GateConfig()
 
 
+BACKENDS = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder")
+
+
+@dataclass
+class BenchRunConfig:
+    """One benchmark: a backend running one artifact at one sequence length (key: <backend>-<precision>-<S>)."""
+
+    backend: str = field(default=MISSING, metadata=_help(", ".join(BACKENDS)))
+    precision: str = field(default=MISSING, metadata=_help("fp32, a quantize precision, or an NPU precision"))
+    seq_len: int = field(default=MISSING)
+    model: str = field(default=MISSING, metadata=_help("artifact under models/ that the backend loads"))
+    weights: str = field(default=MISSING, metadata=_help("its weights under models/ (so DVC sees changes)"))
+
+
+@dataclass
+class BenchConfig:
+    runs: dict[str, BenchRunConfig] = field(default_factory=dict, metadata=_help("the bench matrix"))
+    warmup: int = field(default=3, metadata=_help("untimed runs after loading (the seed warms up 3 times)"))
+    iterations: int = field(default=10, metadata=_help("timed runs"))
+    threads: int = field(default=0, metadata=_help("CPU intra-op threads for torch / ort-cpu (0: all cores)"))
+    perf_mode: str = field(default="burst", metadata=_help("NPU performance mode: " + ", ".join(HTP_PERF_MODES)))
+    budget_ms: float = field(default=500.0, metadata=_help("latency budget per forward pass (the seed's 500 ms)"))
+    fallback: list[str] = field(default_factory=list,
+                                metadata=_help("backends tried in order when one is unavailable or fails"))
+    fallback_cpu_precision: str = field(default="int8-block",
+                                        metadata=_help("what ort-cpu runs when it stands in for an NPU backend"))
+    appbuilder_lib_path: str = field(default="None", metadata=_help("QNN libraries for AppBuilder ('None': its own)"))
+
+    def check(self) -> None:
+        _require(self.warmup >= 0 and self.iterations > 0, "bench.warmup must be >= 0 and bench.iterations > 0")
+        _require(self.budget_ms > 0, "bench.budget_ms must be positive")
+        _require(self.perf_mode in HTP_PERF_MODES, f"unknown bench.perf_mode {self.perf_mode!r}: choose one of "
+                 f"{', '.join(HTP_PERF_MODES)}")
+        for name in self.fallback:
+            _require(name in BACKENDS, f"unknown backend {name!r} in bench.fallback: choose from {', '.join(BACKENDS)}")
+        for key, run in self.runs.items():
+            _require(run.backend in BACKENDS,
+                     f"bench.runs.{key}: unknown backend {run.backend!r}: choose one of {', '.join(BACKENDS)}")
+            _require(key == f"{run.backend}-{run.precision}-{run.seq_len}",
+                     f"bench.runs.{key} must be named {run.backend}-{run.precision}-{run.seq_len}")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -293,6 +335,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def load(params: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Config:
