@@ -29,7 +29,7 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                  ("--seq-len", dict(required=True, type=int, help="static sequence length, e.g. 128"))]),
     "bench": ("latency of one forward pass on one backend -> metrics/bench/<run>.json",
               [("--run", dict(required=True, help="a key of bench.runs, e.g. ort-cpu-int8-block-128"))]),
-    "report": ("reports/benchmark.json (the seed's schema) from the bench metrics", []),
+    "report": ("reports/summary.md, reports/benchmark.json (the seed's schema) and plot data from the metrics", []),
 }
 
 EPILOG = """\

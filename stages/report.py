@@ -1,40 +1,42 @@
-"""Stage `report`: what a person reads. reports/benchmark.json in the seed's schema, from the bench metrics."""
+"""Stage `report`: reports/summary.md, reports/benchmark.json (the seed's schema) and the data behind `dvc plots`.
+
+Reads only metrics: this machine's and any device's dropped into metrics/devices/<device>/.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 
-from antinet_npu import artifacts, verify
+from antinet_npu import AntinetError, artifacts, reporting
 from antinet_npu.config import Config
-from antinet_npu.provenance import host, versions
 
 log = logging.getLogger("report")
+PLOTS = artifacts.REPORTS / "plots"
 
 
-def benchmark_json(cfg: Config, bench: dict[str, dict]) -> dict:
-    """One seed-format entry (device, model, tests[]) per backend/precision that ran, plus what the seed lacks:
-    which backend ran, whether it was emulated and why it fell back."""
-    groups: dict[tuple, dict] = {}
-    for m in sorted(bench.values(), key=lambda m: (m["requested_backend"], m["precision"], m["seq_len"])):
-        key = (m["requested_backend"], m["precision"], m["backend"], m["device"])
-        entry = groups.setdefault(key, {
-            "device": m["device"], "model": m["model"], "backend": m["backend"],
-            "requested_backend": m["requested_backend"], "precision": m["precision"],
-            "precision_run": m["precision_run"], "emulated": m["emulated"], "fallback_reason": m["fallback_reason"],
-            "tests": []})
-        entry["tests"].append({k: m[k] for k in ("avg_latency_ms", "min_latency_ms", "max_latency_ms",
-                                                 "throughput_qps")} | {"sequence_length": m["seq_len"]})
-    for entry in groups.values():  # the seed's key order
-        entry["tests"] = [{"sequence_length": t["sequence_length"], **{k: v for k, v in t.items()
-                                                                       if k != "sequence_length"}}
-                          for t in entry["tests"]]
-    return {"model": cfg.model.name, "host": host(), "versions": versions(), "benchmarks": list(groups.values())}
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def run(cfg: Config) -> dict:
-    bench = verify.load_metrics("bench")
-    report = benchmark_json(cfg, bench)
-    out = artifacts.REPORTS / "benchmark.json"
-    artifacts.write_json(out, report)
-    log.info("%s: %d benchmarks of %s", out, len(report["benchmarks"]), cfg.model.name)
+    sources = reporting.load_sources()
+    if not sources[0].bench:
+        raise AntinetError("no benchmark metrics under metrics/bench/: run `dvc repro bench` first")
+    summary = reporting.summary_markdown(sources)
+    report = reporting.benchmark_json(sources, cfg.model.name)
+    latency, fidelity = reporting.plot_rows(sources)
+    artifacts.write_text(artifacts.REPORTS / "summary.md", summary)
+    artifacts.write_json(artifacts.REPORTS / "benchmark.json", report)
+    artifacts.write_text(PLOTS / "latency.csv", _csv(latency, ["series", "seq_len", "avg_latency_ms", "emulated"]))
+    artifacts.write_text(PLOTS / "fidelity.csv", _csv(fidelity, ["variant", "size_mb", "top1_agreement", "cosine"]))
+    devices = [s.name for s in sources[1:]]
+    log.info("reports/summary.md, reports/benchmark.json (%d benchmarks), reports/plots/ (%d latency points)%s",
+             len(report["benchmarks"]), len(latency), f"; device results merged: {', '.join(devices)}" if devices
+             else "")
     return report

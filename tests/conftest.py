@@ -70,7 +70,8 @@ def make_project(dest: Path, overrides: list[str] = TEST_OVERRIDES) -> Path:
                            capture_output=True, text=True).stdout.split("\0")
     for name in filter(None, files):
         src = ROOT / name
-        if src.is_file() and not name.startswith(("metrics/", "reports/")) and name != "dvc.lock":
+        produced = name.startswith(("metrics/", "reports/")) and not name.startswith("metrics/devices/")
+        if src.is_file() and not produced and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     run_cli(dest, "compose", "--write", *overrides, check=True)

@@ -1,0 +1,188 @@
+"""What a person reads: the summary table, the NPU/CPU/GPU comparison, the seed-format JSON and the plot data.
+
+Built only from metrics files: this machine's (`metrics/`) and any dropped in from devices
+(`metrics/devices/<device>/{bench,evaluate,compile}/*.json`, written by `bench` on e.g. a Windows-on-Snapdragon
+laptop). Emulated timings are always marked and never ranked against real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from antinet_npu.artifacts import METRICS
+
+LOCAL = "this machine"
+DEVICES = "devices"
+UNIT_OF = {"torch": "CPU", "ort-cpu": "CPU", "qnn-htp": "NPU", "qai-appbuilder": "NPU", "qnn-gpu": "GPU"}
+
+
+@dataclass
+class Source:
+    """The metrics of one machine: this one, or a device whose results were dropped into metrics/devices/."""
+
+    name: str
+    bench: dict[str, dict] = field(default_factory=dict)
+    evaluate: dict[str, dict] = field(default_factory=dict)
+    compile: dict[str, dict] = field(default_factory=dict)
+    prepare: dict = field(default_factory=dict)
+
+
+def _load(folder: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def load_sources(root: Path = METRICS) -> list[Source]:
+    prepare = root / "prepare.json"
+    sources = [Source(LOCAL, _load(root / "bench"), _load(root / "evaluate"), _load(root / "compile"),
+                      json.loads(prepare.read_text()) if prepare.exists() else {})]
+    for device in sorted(p for p in (root / DEVICES).glob("*") if p.is_dir()):
+        sources.append(Source(device.name, _load(device / "bench"), _load(device / "evaluate"),
+                              _load(device / "compile")))
+    return sources
+
+
+def fidelity_of(source: Source, local: Source, m: dict) -> tuple[dict | None, float | None]:
+    """(fidelity metrics, model size in MB) of the variant a bench run actually ran."""
+    precision, backend = m["precision_run"], m["backend"]
+    for src in (source, local):
+        if backend in ("qnn-htp", "qai-appbuilder"):
+            found = src.compile.get(f"{precision}-{m['seq_len']}")
+            if found:
+                return found, found.get("bin_size_mb")
+        elif backend == "torch":
+            found = src.evaluate.get("fp32")
+            return found, src.prepare.get("size_mb") or (found or {}).get("size_mb")
+        else:
+            found = src.evaluate.get(precision)
+            if found:
+                return found, found.get("size_mb")
+    return None, None
+
+
+def rows(sources: list[Source]) -> list[dict]:
+    """One row per benchmark run (all sources), with its variant's fidelity."""
+    out = []
+    for src in sources:
+        for m in src.bench.values():
+            fid, size = fidelity_of(src, sources[0], m)
+            out.append({
+                "source": src.name, "model": m["model"], "run": m["run"], "backend": m["backend"],
+                "requested_backend": m["requested_backend"], "precision": m["precision_run"],
+                "seq_len": m["seq_len"], "device": m["device"], "emulated": m["emulated"],
+                "fallback": m.get("fallback_reason"), "avg_ms": m["avg_latency_ms"], "p90_ms": m["p90_latency_ms"],
+                "qps": m["throughput_qps"], "tokens_per_s": m["tokens_per_s"], "within_budget": m["within_budget"],
+                "budget_ms": m["budget_ms"], "size_mb": size,
+                "top1": fid.get("top1_agreement") if fid else None, "cosine": fid.get("cosine") if fid else None,
+                "ppl_increase": fid.get("ppl_increase") if fid else None, "threads": m.get("threads"),
+                "host": m.get("host", {}), "versions": m.get("versions", {}),
+            })
+    return sorted(out, key=lambda r: (r["model"], r["source"] != LOCAL, r["source"], r["backend"], r["precision"],
+                                      r["seq_len"]))
+
+
+def _fmt(value, spec: str, none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _pct(fraction: float | None) -> str:
+    return "–" if fraction is None else f"{100 * fraction:+.2f} %"
+
+
+def summary_markdown(sources: list[Source], compare_at: int = 128) -> str:
+    table = rows(sources)
+    lines = ["# antinet-npu summary", "",
+             "Every number below was measured by the pipeline and read from `metrics/`. Timings marked *emulated* "
+             "come from Qualcomm's x86_64 HTP emulator: the graph and its numerics are real, the time is not NPU "
+             "latency.", ""]
+    for model in sorted({r["model"] for r in table}):
+        lines += [f"## {model}", "",
+                  "| source | backend | precision | S | avg ms | p90 ms | QPS | tokens/s | size MB | top-1 | cosine "
+                  "| ppl Δ | within budget | emulated | fallback |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in table if r["model"] == model):
+            fallback = f"from {r['requested_backend']}" if r["fallback"] else ""
+            lines.append(
+                f"| {r['source']} | {r['backend']} | {r['precision']} | {r['seq_len']} | {r['avg_ms']:.2f} | "
+                f"{r['p90_ms']:.2f} | {r['qps']:.2f} | {r['tokens_per_s']:.0f} | {_fmt(r['size_mb'], '.1f')} | "
+                f"{_fmt(r['top1'], '.4f')} | {_fmt(r['cosine'], '.5f')} | "
+                f"{_pct(r['ppl_increase'])} | "
+                f"{'yes' if r['within_budget'] else 'NO'}{' (not judged)' if r['emulated'] else ''} | "
+                f"{'**emulated**' if r['emulated'] else 'no'} | {fallback} |")
+        lines += ["", *comparison(table, model, compare_at), ""]
+    lines += environment(sources)
+    return "\n".join(lines) + "\n"
+
+
+def comparison(table: list[dict], model: str, seq_len: int) -> list[str]:
+    """The seed's "NPU vs CPU vs GPU at 128 tokens", from measurements only; emulated rows never ranked."""
+    at = [r for r in table if r["model"] == model and r["seq_len"] == seq_len]
+    lines = [f"### NPU vs CPU vs GPU at {seq_len} tokens", "",
+             "| unit | fastest measured run | where | avg ms | QPS | rank |", "|---|---|---|---|---|---|"]
+    real = sorted((r for r in at if not r["emulated"]), key=lambda r: r["avg_ms"])
+    best: dict[str, dict] = {}
+    for r in real:
+        best.setdefault(UNIT_OF.get(r["backend"], r["backend"]), r)
+    ranked = sorted(best.items(), key=lambda kv: kv[1]["avg_ms"])
+    rank = {unit: i + 1 for i, (unit, _) in enumerate(ranked)}
+    for unit in ("NPU", "CPU", "GPU"):
+        if unit in best:
+            r = best[unit]
+            lines.append(f"| {unit} | {r['backend']} {r['precision']} | {r['source']} ({r['device']}) | "
+                         f"{r['avg_ms']:.2f} | {r['qps']:.2f} | {rank[unit]} of {len(ranked)} |")
+        else:
+            lines.append(f"| {unit} | not measured on a real {unit} | | | | |")
+        for r in (r for r in at if r["emulated"] and UNIT_OF.get(r["backend"]) == unit):
+            lines.append(f"| {unit} (emulated) | {r['backend']} {r['precision']} | {r['source']} ({r['device']}) | "
+                         f"{r['avg_ms']:.2f} *emulated* | – | not ranked: emulator time is not NPU latency |")
+    return lines
+
+
+def environment(sources: list[Source]) -> list[str]:
+    lines = ["## Environment", ""]
+    for src in sources:
+        sample = next(iter(src.bench.values()), None) or next(iter(src.evaluate.values()), None)
+        if not sample:
+            continue
+        h, v = sample.get("host", {}), sample.get("versions", {})
+        threads = sorted({str(m.get("threads")) for m in src.bench.values() if m.get("threads") is not None})
+        lines.append(f"- **{src.name}**: {h.get('cpu', '?')} ({h.get('cpu_count', '?')} cores, {h.get('os', '?')} "
+                     f"{h.get('arch', '?')}), CPU threads setting {', '.join(threads) or 'n/a'} (0 = all cores); "
+                     + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+    return lines
+
+
+def benchmark_json(sources: list[Source], model: str) -> dict:
+    """One seed-format object (device, model, tests[]) per source/backend/precision, plus what the seed lacks."""
+    groups: dict[tuple, dict] = {}
+    for r in rows(sources):
+        key = (r["source"], r["requested_backend"], r["backend"], r["precision"], r["device"])
+        entry = groups.setdefault(key, {
+            "device": r["device"], "model": r["model"], "source": r["source"], "backend": r["backend"],
+            "requested_backend": r["requested_backend"], "precision": r["precision"], "emulated": r["emulated"],
+            "fallback_reason": r["fallback"], "tests": []})
+        entry["tests"].append({"sequence_length": r["seq_len"], "avg_latency_ms": r["avg_ms"],
+                               "min_latency_ms": sources_metric(sources, r, "min_latency_ms"),
+                               "max_latency_ms": sources_metric(sources, r, "max_latency_ms"),
+                               "throughput_qps": r["qps"]})
+    return {"model": model, "benchmarks": list(groups.values())}
+
+
+def sources_metric(sources: list[Source], r: dict, key: str):
+    src = next(s for s in sources if s.name == r["source"])
+    return src.bench[r["run"]][key]
+
+
+def plot_rows(sources: list[Source]) -> tuple[list[dict], list[dict]]:
+    """(latency vs sequence length, size vs fidelity) rows for `dvc plots`."""
+    latency = [{"series": f"{r['backend']} {r['precision']}" + (" (emulated)" if r["emulated"] else "")
+                + ("" if r["source"] == LOCAL else f" @ {r['source']}"),
+                "seq_len": r["seq_len"], "avg_latency_ms": r["avg_ms"], "emulated": r["emulated"]}
+               for r in rows(sources)]
+    local = sources[0]
+    fidelity = [{"variant": f"cpu {p}", "size_mb": m["size_mb"], "top1_agreement": m["top1_agreement"],
+                 "cosine": m["cosine"]} for p, m in local.evaluate.items()]
+    fidelity += [{"variant": f"npu {p}", "size_mb": m["bin_size_mb"], "top1_agreement": m["top1_agreement"],
+                  "cosine": m["cosine"]} for p, m in local.compile.items()]
+    return latency, fidelity
