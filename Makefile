@@ -8,7 +8,8 @@ export PATH := $(BIN):$(PATH)
 # Pinned versions, verified together on Linux x86_64 / Python 3.11 (see README, "Environment").
 TORCH := torch==2.13.0
 PINS  := transformers==5.24.0 tokenizers==0.23.3 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 \
-         onnxruntime-qnn==2.7.0 dvc==3.67.1 hydra-core==1.3.8 numpy==2.4.6 psutil==7.2.2
+         onnxruntime-qnn==2.7.0 dvc==3.67.1 hydra-core==1.3.8 numpy==2.4.6 psutil==7.2.2 \
+         fastapi==0.165.0 uvicorn==0.54.0
 
 .PHONY: install repro test clean-venv
 
@@ -17,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The CPU build of torch first, pinned: anything unpinned would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q $(PINS)
-	$(BIN)/python -m pip install -q -e '.[qnn,dev]'
+	$(BIN)/python -m pip install -q -e '.[qnn,serve,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "is over its latency budget or a variant failed its fidelity gate, 0 otherwise.")
     p.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
 
+    p = sub.add_parser("serve", help="HTTP API on one loaded model (503 until loaded)",
+                       description="Serve /api/health, /api/infer and /api/performance/benchmark on one model "
+                       "(serve.run, a key of bench.runs). The model loads in the background; 503 until it is ready.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (serve.port, default 8000)")
+    p.add_argument("--run", help="a key of bench.runs to serve (serve.run), e.g. qnn-htp-w8a16-128")
+    _config_arguments(p)
+
     p = sub.add_parser("compose", help="compose conf/ (plus overrides) as DVC does; print it or write params.yaml",
                        description="Compose conf/ with Hydra exactly as `dvc exp run` does and print the YAML; "
                        "--write replaces params.yaml with it.")
@@ -116,6 +125,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(text, end="")
         return 0
     cfg = config.load(args.params, args.overrides)
+    if args.command == "serve":
+        from antinet_npu import serve
+
+        for key in ("host", "port", "run"):
+            if getattr(args, key) is not None:
+                setattr(cfg.serve, key, getattr(args, key))
+        config.validate(cfg, source="command line")  # the flags obey the same rules as params
+        return serve.main(cfg)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor progress bars drown the stage's own progress lines

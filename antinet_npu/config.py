@@ -327,6 +327,20 @@ class BenchConfig:
 
 
 @dataclass
+class ServeConfig:
+    run: str = field(default="ort-cpu-int8-block-128",
+                     metadata=_help("a key of bench.runs: the artifact and backend to serve (fallback chain applies)"))
+    host: str = "127.0.0.1"
+    port: int = 8000
+    warmup: int = field(default=3, metadata=_help("forward passes after loading, before the model is ready"))
+    max_new_tokens: int = field(default=64, metadata=_help("upper bound a request may ask for"))
+
+    def check(self) -> None:
+        _require(0 < self.port < 65536, f"serve.port must be 1..65535, got {self.port}")
+        _require(self.warmup >= 0 and self.max_new_tokens >= 0, "serve.warmup and serve.max_new_tokens must be >= 0")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -336,6 +350,11 @@ class Config:
     target: TargetConfig = field(default_factory=TargetConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def check(self) -> None:
+        _require(self.serve.run in self.bench.runs,
+                 f"serve.run {self.serve.run!r} is not a key of bench.runs: choose one of {', '.join(self.bench.runs)}")
 
 
 def load(params: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Config:
