@@ -9,6 +9,7 @@ on one NPU, queueing is what would happen anyway.
 import logging
 import threading
 import time
+from contextlib import asynccontextmanager
 from typing import Any, Optional
 
 import numpy as np
@@ -83,12 +84,13 @@ def create_app(cfg: Config, host: ModelHost | None = None):
     budget = cfg.bench.budget_ms
     InferRequest = _infer_request_model()
 
-    app = FastAPI(title="antinet-npu", description="Inference and benchmarks on one loaded model.")
-    app.state.host = host
+    @asynccontextmanager
+    async def lifespan(_app):
+        threading.Thread(target=host.load, name="model-loader", daemon=True).start()  # serve while it loads
+        yield
 
-    @app.on_event("startup")
-    def start_loading() -> None:
-        threading.Thread(target=host.load, name="model-loader", daemon=True).start()
+    app = FastAPI(title="antinet-npu", description="Inference and benchmarks on one loaded model.", lifespan=lifespan)
+    app.state.host = host
 
     def require_ready() -> None:
         if host.status != "ready":

@@ -220,3 +220,14 @@ def test_verify_exit_codes(pipeline, tmp_path):
     assert proc.returncode == 1 and "evaluate int8-block: fidelity gate failed" in proc.stdout
     assert error_line(run_cli(tmp_path, "verify"), "verify").endswith("no metrics under metrics/: run `dvc repro` "
                                                                     "first")
+
+
+def test_device_only_backends_say_why_they_are_unavailable_here():
+    import platform
+
+    from antinet_npu.backends.qnn_ep import QnnGpuBackend
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "needs an Adreno GPU" in QnnGpuBackend.unavailable_reason()
+    assert "Windows on Snapdragon" in AppBuilderBackend.unavailable_reason() or sys.platform == "win32"
+    assert set(backends.registry()) == set(config.BACKENDS)

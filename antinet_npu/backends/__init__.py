@@ -69,8 +69,6 @@ def registry() -> dict[str, type[Backend]]:
     return {b.name: b for b in (TorchBackend, OrtCpuBackend, QnnHtpBackend, QnnGpuBackend, AppBuilderBackend)}
 
 
-BACKEND_NAMES = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder")
-
 NPU_BACKENDS = ("qai-appbuilder", "qnn-htp")
 
 
