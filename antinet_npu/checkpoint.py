@@ -6,13 +6,13 @@ Everything returns a float32 `PreTrainedModel` in eval mode plus its tokenizer; 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from antinet_npu import AntinetError
 from antinet_npu.config import BuiltinModelConfig, ModelConfig
@@ -36,8 +36,10 @@ def load_source(cfg: ModelConfig, train_docs: list[Document] | None = None):
 
 def load_snapshot(path: str | Path, attn_implementation: str = "eager"):
     """The model saved by `prepare`, float32, eval mode."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise AntinetError(f"no prepared model at {path}: run `dvc repro prepare` (or `antinet-npu prepare`) first")
@@ -45,27 +47,66 @@ def load_snapshot(path: str | Path, attn_implementation: str = "eager"):
     return model.eval()
 
 
-def load_config(path: str | Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(Path(path))
+def snapshot_config(path: str | Path) -> dict:
+    """config.json of a prepared snapshot, read as plain JSON (no transformers import)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise AntinetError(f"no prepared model at {path}: run `dvc repro prepare` (or `antinet-npu prepare`) first")
+    return json.loads(file.read_text())
 
 
 def load_tokenizer(path: str | Path):
+    """The full transformers tokenizer (encode and decode); imports torch, so stages that only need token ids use
+    `load_text_tokenizer`."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(Path(path))
 
 
+class TextTokenizer:
+    """Text -> token ids straight from `tokenizer.json` (the `tokenizers` library; no torch, no transformers).
+
+    Same ids as the transformers fast tokenizer with add_special_tokens=False, which is all the corpus needs.
+    """
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        eos = json.loads((path / "tokenizer_config.json").read_text()).get("eos_token") \
+            if (path / "tokenizer_config.json").is_file() else None
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        self.eos_token_id = self._tok.token_to_id(eos) if eos else None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self._tok.encode(text, add_special_tokens=add_special_tokens).ids}
+
+
+def load_text_tokenizer(path: str | Path):
+    """A light tokenizer for turning text into ids; falls back to transformers when there is no tokenizer.json."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        if not (path / "config.json").is_file():
+            raise AntinetError(f"no prepared model at {path}: run `dvc repro prepare` (or `antinet-npu prepare`) first")
+        return load_tokenizer(path)
+    return TextTokenizer(path)
+
+
+def check_seq_len(seq_len: int, limit: int, where: str) -> None:
+    if seq_len > limit:
+        raise AntinetError(f"sequence length {seq_len} exceeds the model's maximum positions ({limit}): {where}")
+
 def max_positions(model_config) -> int:
-    """Longest sequence the model's position encoding was configured for."""
-    return int(getattr(model_config, "max_position_embeddings", 0) or 0) or 2**31 - 1
+    """Longest sequence the model's position encoding was configured for (a config object or its dict)."""
+    get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
+    return int(get("max_position_embeddings", 0) or 0) or 2**31 - 1
 
 
 # --- builtin -----------------------------------------------------------------------------------------------------
 
 def build_builtin(spec: BuiltinModelConfig, train_docs: list[Document]):
     """A seeded Qwen2ForCausalLM with an offline BPE tokenizer, trained for `spec.train_steps` steps."""
+    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = train_tokenizer(train_docs, spec.tokenizer_vocab_size)
@@ -101,6 +142,8 @@ def train_tokenizer(docs: list[Document], vocab_size: int):
 
 def _train(model, stream: np.ndarray, spec: BuiltinModelConfig) -> float:
     """Next-token training on random windows of `stream`; returns the mean loss of the last 10% of steps."""
+    import torch
+
     seq = spec.train_seq_len + 1
     if len(stream) < seq * 2:
         raise AntinetError(f"the training text has only {len(stream)} tokens: add text or lower "
@@ -130,7 +173,9 @@ def _train(model, stream: np.ndarray, spec: BuiltinModelConfig) -> float:
     return float(np.mean(tail))
 
 
-def _lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+def _lm_loss(model, batch):
+    import torch
+
     logits = model(input_ids=batch[:, :-1], use_cache=False).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
@@ -152,8 +197,10 @@ def _load_hub(cfg: ModelConfig):
 
 
 def _from_pretrained(where: str, cfg: ModelConfig, local_only: bool):
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only)
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
@@ -174,6 +221,12 @@ def _from_pretrained(where: str, cfg: ModelConfig, local_only: bool):
     except (OSError, ValueError) as exc:
         raise AntinetError(f"cannot load {where}: {_first_line(exc)}") from None
     return model.eval(), tokenizer, {"num_parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor progress bars drown the stage's own progress lines
 
 
 def _first_line(exc: BaseException) -> str:

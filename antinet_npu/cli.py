@@ -133,9 +133,6 @@ def _dispatch(args: argparse.Namespace) -> int:
                 setattr(cfg.serve, key, getattr(args, key))
         config.validate(cfg, source="command line")  # the flags obey the same rules as params
         return serve.main(cfg)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-tensor progress bars drown the stage's own progress lines
     options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "overrides", "params")}
     _stage_module(args.command.replace("-", "_")).run(cfg, **options)
     return 0

@@ -1,8 +1,4 @@
-"""Turning a PyTorch causal LM into ONNX graphs, and the ONNX file handling every stage shares.
-
-Every model is saved with its weights in one external-data file `<name>.onnx.data` (never one file per tensor), so
-models over 2 GB work and the set of files a stage writes is always the same.
-"""
+"""Turning a PyTorch causal LM into ONNX graphs: the dynamic export (CPU) and the static NPU-friendly export."""
 
 from __future__ import annotations
 
@@ -15,13 +11,11 @@ import numpy as np
 import onnx
 import torch
 
-from antinet_npu import AntinetError
-from antinet_npu.artifacts import MODELS, external_data
+from antinet_npu.artifacts import MODELS
+from antinet_npu.onnx_models import OUTPUT, STATIC_INPUTS, save, static_feeds
 
 log = logging.getLogger(__name__)
 INPUTS = ("input_ids", "attention_mask")
-STATIC_INPUTS = ("input_ids", "attention_mask", "position_ids")
-OUTPUT = "logits"
 
 
 class CausalLMLogits(torch.nn.Module):
@@ -75,16 +69,6 @@ class StaticCausalLM(torch.nn.Module):
                           use_cache=False).logits
 
 
-def causal_mask(seq_len: int, mask_value: float) -> np.ndarray:
-    """Additive causal mask (1, 1, S, S): 0 on and below the diagonal, `mask_value` above."""
-    return np.triu(np.full((seq_len, seq_len), mask_value, dtype=np.float32), 1)[None, None]
-
-
-def static_feeds(input_ids: np.ndarray, mask_value: float) -> dict[str, np.ndarray]:
-    """Inputs of a static graph for one (1, S) window."""
-    seq = input_ids.shape[-1]
-    return {"input_ids": input_ids.reshape(1, seq).astype(np.int64), "attention_mask": causal_mask(seq, mask_value),
-            "position_ids": np.arange(seq, dtype=np.int64)[None]}
 
 
 def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, mask_value: float) -> None:
@@ -100,53 +84,6 @@ def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, m
         save(onnx.load(raw), out)
 
 
-def save(model: onnx.ModelProto, out: Path) -> None:
-    """Write `model` to `out` with all large tensors in the single file `out.data` (relative location)."""
-    data = external_data(out)
-    if data.exists():
-        data.unlink()  # onnx appends to an existing data file
-    onnx.save_model(model, out, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-                    size_threshold=1024)
 
 
-def check_model(path: Path) -> None:
-    """Fail with a one-line error when `path` is missing or not a loadable ONNX model."""
-    if not path.is_file():
-        raise AntinetError(f"ONNX model {path} not found: run the stage that builds it (`dvc repro`)")
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:  # checker and protobuf raise several types for a damaged file
-        raise AntinetError(f"{path} is not a valid ONNX model ({str(exc).strip().splitlines()[0][:200]}): "
-                           "delete it and re-run `dvc repro`") from None
 
-
-def cpu_session(path: Path, threads: int = 0, optimization: str = "all"):
-    """An onnxruntime CPU session; `threads=0` lets onnxruntime choose."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise AntinetError(f"onnxruntime cannot load {path} ({str(exc).strip().splitlines()[0][:200]}): delete it "
-                           "and re-run `dvc repro`") from None
-
-
-def static_seq_len(session) -> int | None:
-    """The fixed sequence length of a static graph's input_ids, or None when dynamic."""
-    dim = next(i for i in session.get_inputs() if i.name == "input_ids").shape[-1]
-    return dim if isinstance(dim, int) else None
-
-
-def run_logits(session, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-    feeds = {"input_ids": input_ids.astype(np.int64)}
-    if "attention_mask" in {i.name for i in session.get_inputs()}:
-        feeds["attention_mask"] = (np.ones_like(input_ids) if attention_mask is None else attention_mask).astype(
-            np.int64)
-    return session.run([OUTPUT], feeds)[0].astype(np.float32)

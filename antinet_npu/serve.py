@@ -45,9 +45,9 @@ class ModelHost:
             if not snapshot.is_dir():
                 raise AntinetError(f"no prepared model at {snapshot}: run `dvc repro` first")
             self.tokenizer = checkpoint.load_tokenizer(snapshot)
-            self.vocab_size = checkpoint.load_config(snapshot).vocab_size
+            self.vocab_size = checkpoint.snapshot_config(snapshot)["vocab_size"]
             backend, how = open_with_fallback(self.cfg, self.cfg.serve.run)
-            self.max_tokens = backend.seq_len or checkpoint.max_positions(checkpoint.load_config(snapshot))
+            self.max_tokens = backend.seq_len or checkpoint.max_positions(checkpoint.snapshot_config(snapshot))
             probe = np.zeros((1, backend.seq_len or 8), dtype=np.int64)
             for _ in range(self.cfg.serve.warmup):
                 backend.run(probe)

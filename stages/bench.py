@@ -26,7 +26,7 @@ def run(cfg: Config, run: str) -> dict:
         raise AntinetError(f"unknown bench run {run!r}: bench.runs has {', '.join(bc.runs)}")
     spec = bc.runs[run]
     snapshot = artifacts.pytorch_dir(cfg.model.name)
-    input_ids = corpus.windows(checkpoint.load_tokenizer(snapshot), corpus.split_documents(cfg.text)["eval"],
+    input_ids = corpus.windows(checkpoint.load_text_tokenizer(snapshot), corpus.split_documents(cfg.text)["eval"],
                                spec.seq_len, 1, "evaluation")
 
     start = time.perf_counter()

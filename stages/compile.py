@@ -11,10 +11,9 @@ import gc
 import logging
 import time
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, onnx_export, qnn, quantization
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, onnx_models, qnn, quantization
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
-from antinet_npu.stages.export_npu import check_seq_len
 
 log = logging.getLogger("compile")
 
@@ -27,14 +26,15 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
                            "(or add a recipe under compile.recipes)")
     recipe = cc.recipes[precision]
     snapshot = artifacts.pytorch_dir(cfg.model.name)
-    check_seq_len(seq_len, checkpoint.max_positions(checkpoint.load_config(snapshot)))
+    checkpoint.check_seq_len(seq_len, checkpoint.max_positions(checkpoint.snapshot_config(snapshot)),
+                             "remove it from compile.seq_lens")
     src = artifacts.npu_onnx_path(cfg.model.name, seq_len)
     if not src.is_file():
         raise AntinetError(f"{src} not found: run `dvc repro export-npu@{seq_len}` first")
-    onnx_export.check_model(src)
-    tokenizer = checkpoint.load_tokenizer(snapshot)
+    onnx_models.check_model(src)
+    tokenizer = checkpoint.load_text_tokenizer(snapshot)
     splits = corpus.split_documents(cfg.text)
-    calibration = [onnx_export.static_feeds(w, cc.mask_value)
+    calibration = [onnx_models.static_feeds(w, cc.mask_value)
                    for w in corpus.windows(tokenizer, splits["calib"], seq_len, cc.calib_samples, "calibration")]
     held_out = corpus.windows(tokenizer, splits["eval"], seq_len, cc.verify_samples, "evaluation")
 
@@ -46,7 +46,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
                  recipe.activation_type, recipe.weight_type, len(calibration))
         model = quantization.qdq_static(src, recipe, calibration)
         compute_nodes = sum(n.op_type not in qnn.BOUNDARY_OPS for n in model.graph.node)
-        onnx_export.save(model, tmp / qdq_out.name)
+        onnx_models.save(model, tmp / qdq_out.name)
         del model, calibration
         gc.collect()
         quantize_seconds = time.perf_counter() - start
@@ -63,10 +63,10 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
         log.info("verifying on the QNN HTP backend%s: %d held-out windows", " (emulator)" if qnn.emulated() else "",
                  len(held_out))
         npu = qnn.session(tmp / ctx_out.name, cfg.target, allow_cpu_fallback=cc.allow_cpu_fallback)
-        reference = onnx_export.cpu_session(src)
+        reference = onnx_models.cpu_session(src)
         meter = fidelity.FidelityMeter()
         for ids in held_out:
-            feeds = onnx_export.static_feeds(ids, cc.mask_value)
+            feeds = onnx_models.static_feeds(ids, cc.mask_value)
             meter.add(reference.run(None, feeds)[0], npu.run(None, feeds)[0], feeds["input_ids"])
         del npu, reference
         result = meter.result()

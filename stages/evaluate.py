@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, onnx_export
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, onnx_models
 from antinet_npu.config import REFERENCE, Config
 from antinet_npu.provenance import record
 
@@ -23,12 +23,12 @@ def run(cfg: Config, precision: str) -> dict:
         raise AntinetError(f"unknown precision {precision!r}: evaluate.variants has {', '.join(ev.variants)}")
     ref_path = artifacts.onnx_path(cfg.model.name)
     var_path = ref_path.parent / ev.variants[precision]
-    onnx_export.check_model(ref_path)
+    onnx_models.check_model(ref_path)
     if not var_path.is_file():
         raise AntinetError(f"{var_path} not found: run `dvc repro quantize@{precision}` first")
     snapshot = artifacts.pytorch_dir(cfg.model.name)
-    tokenizer = checkpoint.load_tokenizer(snapshot)
-    limit = checkpoint.max_positions(checkpoint.load_config(snapshot))
+    tokenizer = checkpoint.load_text_tokenizer(snapshot)
+    limit = checkpoint.max_positions(checkpoint.snapshot_config(snapshot))
     if ev.seq_len > limit:
         raise AntinetError(f"evaluate.seq_len {ev.seq_len} exceeds the model's maximum positions ({limit}): "
                            "lower evaluate.seq_len")
@@ -36,12 +36,12 @@ def run(cfg: Config, precision: str) -> dict:
                              "evaluation")
 
     start = time.perf_counter()
-    reference = onnx_export.cpu_session(ref_path, ev.threads)
-    variant = reference if var_path == ref_path else onnx_export.cpu_session(var_path, ev.threads)
+    reference = onnx_models.cpu_session(ref_path, ev.threads)
+    variant = reference if var_path == ref_path else onnx_models.cpu_session(var_path, ev.threads)
     meter = fidelity.FidelityMeter()
     for i, ids in enumerate(windows):
         ids = ids[None, :]
-        meter.add(onnx_export.run_logits(reference, ids), onnx_export.run_logits(variant, ids), ids)
+        meter.add(onnx_models.run_logits(reference, ids), onnx_models.run_logits(variant, ids), ids)
         if (i + 1) % max(1, len(windows) // 4) == 0:
             log.info("%s: %d/%d windows", precision, i + 1, len(windows))
     result = meter.result()

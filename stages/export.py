@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, onnx_export
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, onnx_export, onnx_models
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 
@@ -40,7 +40,7 @@ def run(cfg: Config) -> dict:
     start = time.perf_counter()
     snapshot = artifacts.pytorch_dir(cfg.model.name)
     model = checkpoint.load_snapshot(snapshot)
-    batches = validation_batches(cfg, checkpoint.load_tokenizer(snapshot), checkpoint.max_positions(model.config))
+    batches = validation_batches(cfg, checkpoint.load_text_tokenizer(snapshot), checkpoint.max_positions(model.config))
     with torch.no_grad():
         expected = [model(input_ids=torch.from_numpy(i), attention_mask=torch.from_numpy(m), use_cache=False)
                     .logits.numpy() for i, m in batches]
@@ -51,8 +51,8 @@ def run(cfg: Config) -> dict:
         export_seconds = time.perf_counter() - start
         del model
         gc.collect()
-        session = onnx_export.cpu_session(tmp / out.name)
-        diffs = [np.abs(onnx_export.run_logits(session, i, m) - ref)[m.astype(bool)].max()
+        session = onnx_models.cpu_session(tmp / out.name)
+        diffs = [np.abs(onnx_models.run_logits(session, i, m) - ref)[m.astype(bool)].max()
                  for (i, m), ref in zip(batches, expected)]
         del session
         max_diff = float(max(diffs))

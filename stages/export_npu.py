@@ -13,25 +13,19 @@ import time
 import numpy as np
 import torch
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, onnx_export
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, onnx_export, onnx_models
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 
 log = logging.getLogger("export-npu")
 
 
-def check_seq_len(seq_len: int, max_positions: int) -> None:
-    if seq_len > max_positions:
-        raise AntinetError(f"sequence length {seq_len} exceeds the model's maximum positions ({max_positions}): "
-                           "remove it from compile.seq_lens")
-
-
 def run(cfg: Config, seq_len: int) -> dict:
     start = time.perf_counter()
     snapshot = artifacts.pytorch_dir(cfg.model.name)
     model = checkpoint.load_snapshot(snapshot)
-    check_seq_len(seq_len, checkpoint.max_positions(model.config))
-    ids = corpus.windows(checkpoint.load_tokenizer(snapshot), corpus.split_documents(cfg.text)["eval"], seq_len, 1,
+    checkpoint.check_seq_len(seq_len, checkpoint.max_positions(model.config), "remove it from compile.seq_lens")
+    ids = corpus.windows(checkpoint.load_text_tokenizer(snapshot), corpus.split_documents(cfg.text)["eval"], seq_len, 1,
                          "evaluation")
     with torch.no_grad():  # the model's own causal masking, as a user calls it
         expected = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
@@ -41,8 +35,8 @@ def run(cfg: Config, seq_len: int) -> dict:
         onnx_export.export_static(model, tmp / out.name, seq_len, cfg.compile.opset, cfg.compile.mask_value)
         del model
         gc.collect()
-        session = onnx_export.cpu_session(tmp / out.name)
-        got = session.run(None, onnx_export.static_feeds(ids, cfg.compile.mask_value))[0]
+        session = onnx_models.cpu_session(tmp / out.name)
+        got = session.run(None, onnx_models.static_feeds(ids, cfg.compile.mask_value))[0]
         max_diff = float(np.abs(got - expected).max())
         if not max_diff <= cfg.export.max_abs_diff:
             raise AntinetError(f"static S={seq_len} graph differs from PyTorch by {max_diff:.3g} > "

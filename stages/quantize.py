@@ -10,7 +10,7 @@ import gc
 import logging
 import time
 
-from antinet_npu import AntinetError, artifacts, onnx_export, quantization
+from antinet_npu import AntinetError, artifacts, onnx_models, quantization
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 
@@ -30,13 +30,13 @@ def run(cfg: Config, precision: str) -> dict:
                            "(or add a recipe under quantize.recipes)")
     recipe = recipes[precision]
     src, out = artifacts.onnx_path(cfg.model.name), artifacts.onnx_path(cfg.model.name, precision)
-    onnx_export.check_model(src)
+    onnx_models.check_model(src)
     start = time.perf_counter()
     log.info("quantizing %s -> %s (%s)", src, out, recipe.method)
     with artifacts.staged_files(out.parent) as tmp:
         model = quantization.quantize(src, recipe)
         ops = quantization.op_histogram(model)
-        onnx_export.save(model, tmp / out.name)
+        onnx_models.save(model, tmp / out.name)
         del model
         gc.collect()
     size_mb, fp32_mb = artifacts.onnx_size_mb(out), artifacts.onnx_size_mb(src)

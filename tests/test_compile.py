@@ -39,7 +39,7 @@ def test_repro_compiles_context_binaries_that_match_fp32(pipeline):
 def test_context_runs_on_htp_and_accepts_only_its_static_shape(pipeline):
     import numpy as np
 
-    from antinet_npu.onnx_export import static_feeds
+    from antinet_npu.onnx_models import static_feeds
 
     ctx = pipeline.path / "models/qnn/tiny-qwen2-w8a16-s32_ctx.onnx"
     session = qnn.session(ctx, TargetConfig(), allow_cpu_fallback=False)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from antinet_npu.onnx_export import cpu_session, run_logits
+from antinet_npu.onnx_models import cpu_session, run_logits
 from conftest import TEST_OVERRIDES, clone_project, error_line
 
 pytestmark = pytest.mark.slow

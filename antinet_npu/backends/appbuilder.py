@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from antinet_npu import AntinetError, onnx_export
+from antinet_npu import AntinetError, onnx_models
 from antinet_npu.backends import Backend
 
 # Our perf mode names -> AppBuilder PerfProfile attributes (AppBuilder has only these three).
@@ -54,9 +54,9 @@ class AppBuilderBackend(Backend):
 
     def run(self, input_ids: np.ndarray) -> np.ndarray:
         self.check_input(input_ids)
-        feeds = onnx_export.static_feeds(input_ids, self.cfg.compile.mask_value)
+        feeds = onnx_models.static_feeds(input_ids, self.cfg.compile.mask_value)
         # FLOAT mode: AppBuilder converts float32 inputs to the graph's native types, in graph-input order.
-        outputs = self.context.Inference([feeds[name].astype(np.float32) for name in onnx_export.STATIC_INPUTS])
+        outputs = self.context.Inference([feeds[name].astype(np.float32) for name in onnx_models.STATIC_INPUTS])
         return np.asarray(outputs[0], dtype=np.float32).reshape(1, self.seq_len, -1)
 
     def describe(self) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from antinet_npu import AntinetError, onnx_export
+from antinet_npu import AntinetError, onnx_models
 from antinet_npu.backends import Backend
 
 
@@ -16,12 +16,12 @@ class OrtCpuBackend(Backend):
     def load(self, artifact: Path) -> None:
         if not artifact.is_file():
             raise AntinetError(f"{artifact} not found: run `dvc repro` (export / quantize) first")
-        self.session = onnx_export.cpu_session(artifact, self.cfg.bench.threads)
-        self.seq_len = onnx_export.static_seq_len(self.session)
+        self.session = onnx_models.cpu_session(artifact, self.cfg.bench.threads)
+        self.seq_len = onnx_models.static_seq_len(self.session)
 
     def run(self, input_ids: np.ndarray) -> np.ndarray:
         self.check_input(input_ids)
-        return onnx_export.run_logits(self.session, input_ids)
+        return onnx_models.run_logits(self.session, input_ids)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": "cpu", "emulated": False, "threads": self.cfg.bench.threads}
