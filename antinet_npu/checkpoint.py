@@ -130,6 +130,9 @@ def train_tokenizer(docs: list[Document], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    # Parallel BPE training breaks ties between equally frequent merges in thread order: two runs of `dvc repro`
+    # trained different merge orders. Single-threaded training is deterministic (and takes under a second here).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -124,8 +124,11 @@ def _stdlib_docstrings() -> list[Document]:
                 continue
             items.append((f"{name}.{attr}", obj))
             if inspect.isclass(obj):
+                # Only the class's own methods: other libraries patch stdlib classes (transformers adds
+                # logging.Logger.warning_once), which would make the corpus depend on what was imported first.
                 items += [(f"{name}.{attr}.{m}", v) for m, v in sorted(vars(obj).items())
-                          if not m.startswith("_") and callable(v)]
+                          if not m.startswith("_") and callable(v)
+                          and getattr(v, "__module__", module.__name__) == module.__name__]
         for doc_id, obj in items:
             text = inspect.getdoc(obj)
             if text and len(text) >= MIN_DOC_CHARS and text not in seen:
