@@ -18,6 +18,7 @@ from typing import Any
 MODELS = Path("models")
 METRICS = Path("metrics")
 REPORTS = Path("reports")
+LOGS = Path("logs")
 
 
 def pytorch_dir(model: str) -> Path:
@@ -85,6 +86,11 @@ def staged_files(dest: Path) -> Iterator[Path]:
             os.replace(item, dest / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_metrics(folder: Path) -> dict[str, dict]:
+    """Every metrics file in `folder`, by file stem."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
 def write_text(path: Path, text: str) -> None:

@@ -17,7 +17,6 @@ from omegaconf import errors as oc_errors
 
 from antinet_npu import AntinetError
 
-ROOT = Path.cwd()
 CONF_DIR = "conf"
 PARAMS_FILE = "params.yaml"
 BUILTIN_PREFIX = "builtin:"
@@ -188,6 +187,11 @@ class GateConfig:
     max_ppl_increase: Optional[float] = field(default=None, metadata=_help("relative, 0.01 = +1 % perplexity"))
 
 
+def gate_for(gates: dict[str, GateConfig], precision: str) -> GateConfig:
+    """The precision's own gate, else the `default` one, else no bounds."""
+    return gates.get(precision) or gates.get("default") or GateConfig()
+
+
 @dataclass
 class EvaluateConfig:
     variants: dict[str, str] = field(default_factory=dict,
@@ -205,7 +209,7 @@ class EvaluateConfig:
         _require(REFERENCE in self.variants, "evaluate.variants must include fp32 (the reference)")
 
     def gate(self, precision: str) -> GateConfig:
-        return self.gates.get(precision) or self.gates.get("default") or GateConfig()
+        return gate_for(self.gates, precision)
 
 
 HTP_PERF_MODES = ("burst", "balanced", "default", "high_performance", "power_saver", "low_power_saver",
@@ -281,7 +285,7 @@ class CompileConfig:
                 raise AntinetError(f"compile.recipes.{name}: {exc}") from None
 
     def gate(self, precision: str) -> GateConfig:
-        return self.gates.get(precision) or self.gates.get("default") or GateConfig()
+        return gate_for(self.gates, precision)
 
 
 BACKENDS = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder")

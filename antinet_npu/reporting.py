@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from antinet_npu.artifacts import METRICS
+from antinet_npu.artifacts import METRICS, read_metrics
 
 LOCAL = "this machine"
 DEVICES = "devices"
@@ -29,17 +29,14 @@ class Source:
     prepare: dict = field(default_factory=dict)
 
 
-def _load(folder: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-
-
 def load_sources(root: Path = METRICS) -> list[Source]:
     prepare = root / "prepare.json"
-    sources = [Source(LOCAL, _load(root / "bench"), _load(root / "evaluate"), _load(root / "compile"),
+    sources = [Source(LOCAL, read_metrics(root / "bench"), read_metrics(root / "evaluate"),
+                      read_metrics(root / "compile"),
                       json.loads(prepare.read_text()) if prepare.exists() else {})]
     for device in sorted(p for p in (root / DEVICES).glob("*") if p.is_dir()):
-        sources.append(Source(device.name, _load(device / "bench"), _load(device / "evaluate"),
-                              _load(device / "compile")))
+        sources.append(Source(device.name, read_metrics(device / "bench"), read_metrics(device / "evaluate"),
+                              read_metrics(device / "compile")))
     return sources
 
 
@@ -71,7 +68,8 @@ def rows(sources: list[Source]) -> list[dict]:
                 "source": src.name, "model": m["model"], "run": m["run"], "backend": m["backend"],
                 "requested_backend": m["requested_backend"], "precision": m["precision_run"],
                 "seq_len": m["seq_len"], "device": m["device"], "emulated": m["emulated"],
-                "fallback": m.get("fallback_reason"), "avg_ms": m["avg_latency_ms"], "p90_ms": m["p90_latency_ms"],
+                "fallback": m.get("fallback_reason"), "avg_ms": m["avg_latency_ms"], "min_ms": m["min_latency_ms"],
+                "max_ms": m["max_latency_ms"], "p90_ms": m["p90_latency_ms"],
                 "qps": m["throughput_qps"], "tokens_per_s": m["tokens_per_s"], "within_budget": m["within_budget"],
                 "budget_ms": m["budget_ms"], "size_mb": size,
                 "top1": fid.get("top1_agreement") if fid else None, "cosine": fid.get("cosine") if fid else None,
@@ -163,15 +161,9 @@ def benchmark_json(sources: list[Source], model: str) -> dict:
             "requested_backend": r["requested_backend"], "precision": r["precision"], "emulated": r["emulated"],
             "fallback_reason": r["fallback"], "tests": []})
         entry["tests"].append({"sequence_length": r["seq_len"], "avg_latency_ms": r["avg_ms"],
-                               "min_latency_ms": sources_metric(sources, r, "min_latency_ms"),
-                               "max_latency_ms": sources_metric(sources, r, "max_latency_ms"),
+                               "min_latency_ms": r["min_ms"], "max_latency_ms": r["max_ms"],
                                "throughput_qps": r["qps"]})
     return {"model": model, "benchmarks": list(groups.values())}
-
-
-def sources_metric(sources: list[Source], r: dict, key: str):
-    src = next(s for s in sources if s.name == r["source"])
-    return src.bench[r["run"]][key]
 
 
 def plot_rows(sources: list[Source]) -> tuple[list[dict], list[dict]]:

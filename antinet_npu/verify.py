@@ -6,20 +6,15 @@ its fidelity gate (evaluate or compile). Emulated timings are shown but never ju
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from antinet_npu import AntinetError
-from antinet_npu.artifacts import METRICS
-
-
-def load_metrics(kind: str, root: Path = METRICS) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((root / kind).glob("*.json"))}
+from antinet_npu.artifacts import METRICS, read_metrics
 
 
 def verify(root: Path = METRICS) -> tuple[list[str], list[str]]:
     """(table lines, problems)."""
-    bench, evaluate, compiled = (load_metrics(k, root) for k in ("bench", "evaluate", "compile"))
+    bench, evaluate, compiled = (read_metrics(root / k) for k in ("bench", "evaluate", "compile"))
     if not (bench or evaluate or compiled):
         raise AntinetError(f"no metrics under {root}/: run `dvc repro` first")
     lines = [f"{'run':<30} {'ran on':<32} {'avg ms':>9} {'budget':>8}  verdict"]

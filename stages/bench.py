@@ -17,7 +17,7 @@ from antinet_npu.provenance import record
 from antinet_npu.timing import LatencyTracker
 
 log = logging.getLogger("bench")
-LOGS = artifacts.Path("logs") / "bench"
+LOGS = artifacts.LOGS / "bench"
 
 
 def run(cfg: Config, run: str) -> dict:
