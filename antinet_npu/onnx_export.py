@@ -8,11 +8,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from antinet_npu.artifacts import MODELS
-from antinet_npu.onnx_models import OUTPUT, STATIC_INPUTS, save, static_feeds
+from antinet_npu.onnx_models import OUTPUT, STATIC_INPUTS, consolidate, static_feeds
 
 log = logging.getLogger(__name__)
 INPUTS = ("input_ids", "attention_mask")
@@ -50,7 +49,7 @@ def export_dynamic(model: torch.nn.Module, out: Path, opset: int, exporter: str 
             else:
                 torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), raw, dynamo=False,
                                   dynamic_axes=dynamic_axes, **kwargs)
-        save(onnx.load(raw), out)
+        consolidate(raw, out)
 
 
 class StaticCausalLM(torch.nn.Module):
@@ -68,9 +67,6 @@ class StaticCausalLM(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).logits
 
-
-
-
 def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, mask_value: float) -> None:
     """Static-shape export for the NPU: batch 1, `seq_len` tokens, eager attention, TorchScript exporter."""
     feeds = {k: torch.from_numpy(v) for k, v in static_feeds(np.zeros((1, seq_len), np.int64), mask_value).items()}
@@ -81,9 +77,4 @@ def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, m
         with torch.no_grad():
             torch.onnx.export(StaticCausalLM(model), tuple(feeds[k] for k in STATIC_INPUTS), raw, dynamo=False,
                               input_names=list(STATIC_INPUTS), output_names=[OUTPUT], opset_version=opset)
-        save(onnx.load(raw), out)
-
-
-
-
-
+        consolidate(raw, out)

@@ -29,10 +29,18 @@ class Source:
     prepare: dict = field(default_factory=dict)
 
 
-def load_sources(root: Path = METRICS) -> list[Source]:
+def load_sources(root: Path = METRICS, model: str | None = None) -> list[Source]:
+    """This machine's metrics (only `model`'s when given) and every device's.
+
+    Switching models in one workspace (`dvc exp run -S model=...`) leaves the other model's files behind when its
+    stages are not in the new DAG (e.g. compile); they are not this run's results, so they are left out.
+    """
+    def local(kind: str) -> dict[str, dict]:
+        found = read_metrics(root / kind)
+        return {k: m for k, m in found.items() if model is None or m.get("model") == model}
+
     prepare = root / "prepare.json"
-    sources = [Source(LOCAL, read_metrics(root / "bench"), read_metrics(root / "evaluate"),
-                      read_metrics(root / "compile"),
+    sources = [Source(LOCAL, local("bench"), local("evaluate"), local("compile"),
                       json.loads(prepare.read_text()) if prepare.exists() else {})]
     for device in sorted(p for p in (root / DEVICES).glob("*") if p.is_dir()):
         sources.append(Source(device.name, read_metrics(device / "bench"), read_metrics(device / "evaluate"),

@@ -25,7 +25,7 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
 
 
 def run(cfg: Config) -> dict:
-    sources = reporting.load_sources()
+    sources = reporting.load_sources(model=cfg.model.name)
     if not sources[0].bench:
         raise AntinetError("no benchmark metrics under metrics/bench/: run `dvc repro bench` first")
     summary = reporting.summary_markdown(sources)
