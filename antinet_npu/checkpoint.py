@@ -187,6 +187,8 @@ def _lm_loss(model, batch):
 
 def _load_local(path: Path, cfg: ModelConfig):
     if not path.is_dir():
+        if cfg.fetch_hint:
+            raise AntinetError(f"model {cfg.name}: no checkpoint at {str(path)!r}: {cfg.fetch_hint}")
         raise AntinetError(f"model.source {str(path)!r} is not a directory: point model.source at a local "
                            "Hugging Face checkpoint directory, a hub id, or builtin:tiny-qwen2")
     if not (path / "config.json").is_file():

@@ -76,6 +76,8 @@ class ModelConfig:
     revision: Optional[str] = field(default=None, metadata=_help("hub revision (branch, tag or commit)"))
     trust_remote_code: bool = False
     builtin: Optional[BuiltinModelConfig] = field(default=None, metadata=_help("spec of a builtin model"))
+    fetch_hint: Optional[str] = field(default=None,
+                                      metadata=_help("how to obtain a local source that is missing (error text)"))
 
     def check(self) -> None:
         _require(bool(_SLUG.match(self.name)),
@@ -124,6 +126,7 @@ class ExportConfig:
 
 QUANT_METHODS = ("fp16", "dynamic-int8", "matmul-nbits")
 WEIGHT_TYPES = ("QUInt8", "QInt8")
+NBITS_ALGORITHMS = ("rtn", "hqq")
 
 
 @dataclass
@@ -144,6 +147,10 @@ class RecipeConfig:
     block_size: int = field(default=32, metadata=_help("matmul-nbits: weights per scale (power of 2, >= 16)"))
     symmetric: bool = field(default=True, metadata=_help("matmul-nbits: no zero points"))
     accuracy_level: int = field(default=4, metadata=_help("matmul-nbits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8"))
+    algorithm: str = field(default="rtn", metadata=_help("matmul-nbits: rtn (round to nearest) | hqq (half-quadratic "
+                                                         "optimisation of scales and zero points; 4 bits only)"))
+    eight_bit_nodes: list[str] = field(default_factory=list,
+                                       metadata=_help("matmul-nbits 4-bit: MatMul nodes kept at 8 bits (e.g. lm_head)"))
 
     def check(self) -> None:
         _require(self.method in QUANT_METHODS,
@@ -153,6 +160,10 @@ class RecipeConfig:
         _require(self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0,
                  f"block_size must be a power of 2 >= 16, got {self.block_size}")
         _require(0 <= self.accuracy_level <= 4, f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        _require(self.algorithm in NBITS_ALGORITHMS,
+                 f"algorithm must be one of {', '.join(NBITS_ALGORITHMS)}, got {self.algorithm!r}")
+        _require(self.algorithm != "hqq" or self.bits == 4, "algorithm hqq needs bits: 4")
+        _require(not self.eight_bit_nodes or self.bits == 4, "eight_bit_nodes applies to bits: 4 only")
 
 
 @dataclass
@@ -233,6 +244,7 @@ class TargetConfig:
                  "target.htp_graph_finalization_optimization_mode must be 0..3")
 
 
+RMSNORM_FORMS = ("fused", "decomposed")
 QDQ_TYPES = ("QUInt8", "QInt8", "QUInt16", "QInt16")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
 
@@ -243,7 +255,8 @@ class QdqRecipeConfig:
 
     activation_type: str = field(default="QUInt16", metadata=_help(", ".join(QDQ_TYPES)))
     weight_type: str = field(default="QUInt8", metadata=_help(", ".join(QDQ_TYPES)))
-    per_channel: bool = False
+    per_channel: bool = field(default=False, metadata=_help("per-output-channel symmetric weights (MatMul, Conv); "
+                                                             "needs a signed weight_type"))
     calibrate_method: str = field(default="MinMax", metadata=_help(", ".join(CALIBRATION_METHODS)))
     activation_symmetric: bool = False
     nodes_to_exclude: list[str] = field(default_factory=list)
@@ -251,6 +264,8 @@ class QdqRecipeConfig:
     def check(self) -> None:
         _require(self.activation_type in QDQ_TYPES and self.weight_type in QDQ_TYPES,
                  f"activation_type and weight_type must be one of {', '.join(QDQ_TYPES)}")
+        _require(not self.per_channel or self.weight_type.startswith("QInt"),
+                 f"per_channel weights are symmetric: use weight_type QInt8 or QInt16, not {self.weight_type}")
         _require(self.calibrate_method in CALIBRATION_METHODS,
                  f"calibrate_method must be one of {', '.join(CALIBRATION_METHODS)}")
 
@@ -262,6 +277,8 @@ class CompileConfig:
     recipes: dict[str, QdqRecipeConfig] = field(default_factory=dict)
     opset: int = field(default=17, metadata=_help("opset of the static FP32 export"))
     mask_value: float = field(default=-100.0, metadata=_help("additive causal mask value above the diagonal"))
+    rmsnorm: str = field(default="fused", metadata=_help("fused: one SimplifiedLayerNormalization node (HTP RmsNorm); "
+                                                         "decomposed: Pow/ReduceMean/Sqrt/Div as PyTorch traces it"))
     calib_samples: int = field(default=16, metadata=_help("calibration windows (calib split)"))
     verify_samples: int = field(default=4, metadata=_help("held-out windows run on the QNN backend"))
     allow_cpu_fallback: bool = field(default=False, metadata=_help("accept compute nodes outside the context"))
@@ -278,6 +295,7 @@ class CompileConfig:
                  "compile.calib_samples and compile.verify_samples must be > 0")
         _require(self.mode in GATE_MODES, f"compile.mode must be one of {', '.join(GATE_MODES)}")
         _require(self.mask_value < 0, "compile.mask_value must be negative")
+        _require(self.rmsnorm in RMSNORM_FORMS, f"compile.rmsnorm must be one of {', '.join(RMSNORM_FORMS)}")
         for name, recipe in self.recipes.items():
             try:
                 recipe.check()

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from antinet_npu.artifacts import MODELS
@@ -42,12 +43,12 @@ def export_dynamic(model: torch.nn.Module, out: Path, opset: int, exporter: str 
             if exporter == "dynamo":
                 batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
                 shapes = {name: {0: batch, 1: seq} for name in INPUTS}
-                torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), raw, dynamo=True,
+                torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), str(raw), dynamo=True,
                                   dynamic_shapes={"input_ids": shapes["input_ids"],
                                                   "attention_mask": shapes["attention_mask"]},
                                   external_data=True, **kwargs)
             else:
-                torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), raw, dynamo=False,
+                torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), str(raw), dynamo=False,
                                   dynamic_axes=dynamic_axes, **kwargs)
         consolidate(raw, out)
 
@@ -67,14 +68,78 @@ class StaticCausalLM(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).logits
 
-def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, mask_value: float) -> None:
-    """Static-shape export for the NPU: batch 1, `seq_len` tokens, eager attention, TorchScript exporter."""
+_PRIVATE_DOMAIN = "antinet_npu"
+QDQ_OPSET = 21  # 16-bit Q/DQ needs opset 21; onnxruntime's QDQ quantizer would convert to it anyway
+
+
+class _RMSNormOp(torch.autograd.Function):
+    """RMSNorm as one node: SimplifiedLayerNormalization, which the QNN EP maps to HTP's RmsNorm.
+
+    Exported op by op (Pow, ReduceMean, Sqrt, Div), RMSNorm quantizes x^2 of a real LLM's outlier activations
+    into one 16-bit range and loses the small ones; the fused op keeps that arithmetic inside the NPU kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    @staticmethod
+    def symbolic(g, x, weight, eps: float):
+        # Exported in a private domain so that the opset conversion leaves it alone (`_to_qdq_opset`)
+        y = g.op(f"{_PRIVATE_DOMAIN}::SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps,
+                 stash_type_i=1)
+        y.setType(x.type())
+        return y
+
+
+class _FusedRMSNorm(torch.nn.Module):
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, float(norm.variance_epsilon)
+
+    def forward(self, x):
+        return _RMSNormOp.apply(x, self.weight, self.eps)
+
+
+def fuse_rmsnorm(model: torch.nn.Module) -> int:
+    """Swap every RMSNorm module (Llama/Qwen2 style: `weight`, `variance_epsilon`) for the one-node form."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child).__name__.endswith("RMSNorm") and hasattr(child, "variance_epsilon")]
+    for parent, name, child in swaps:
+        setattr(parent, name, _FusedRMSNorm(child))
+    return len(swaps)
+
+
+def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, mask_value: float,
+                  rmsnorm: str = "decomposed") -> None:
+    """Static-shape export for the NPU: batch 1, `seq_len` tokens, eager attention, TorchScript exporter.
+
+    rmsnorm="fused" exports each RMSNorm as one SimplifiedLayerNormalization node (see `_RMSNormOp`); this changes
+    `model` in place.
+    """
+    if rmsnorm == "fused":
+        log.info("RMSNorm as SimplifiedLayerNormalization: %d modules", fuse_rmsnorm(model))
     feeds = {k: torch.from_numpy(v) for k, v in static_feeds(np.zeros((1, seq_len), np.int64), mask_value).items()}
     MODELS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=MODELS, prefix=".export-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():
-            torch.onnx.export(StaticCausalLM(model), tuple(feeds[k] for k in STATIC_INPUTS), raw, dynamo=False,
-                              input_names=list(STATIC_INPUTS), output_names=[OUTPUT], opset_version=opset)
-        consolidate(raw, out)
+            torch.onnx.export(StaticCausalLM(model), tuple(feeds[k] for k in STATIC_INPUTS), str(raw), dynamo=False,
+                              input_names=list(STATIC_INPUTS), output_names=[OUTPUT], opset_version=opset,
+                              custom_opsets={_PRIVATE_DOMAIN: 1})
+        _to_qdq_opset(raw, Path(tmp) / "converted.onnx")
+        consolidate(Path(tmp) / "converted.onnx", out)
+
+
+def _to_qdq_opset(src: Path, dst: Path) -> None:
+    """Convert to opset 21 (weights stay where they are), then move the fused RMSNorm into the default domain,
+    where onnxruntime (CPU and QNN EP) registers SimplifiedLayerNormalization; the converter knows no schema for it."""
+    model = onnx.version_converter.convert_version(onnx.load(str(src), load_external_data=False), QDQ_OPSET)
+    for node in model.graph.node:
+        if node.domain == _PRIVATE_DOMAIN:
+            node.domain = ""
+    kept = [o for o in model.opset_import if o.domain != _PRIVATE_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    onnx.save_model(model, str(dst))

@@ -32,7 +32,8 @@ def run(cfg: Config, seq_len: int) -> dict:
     out = artifacts.npu_onnx_path(cfg.model.name, seq_len)
     log.info("exporting static S=%d graph to %s", seq_len, out)
     with artifacts.staged_files(out.parent) as tmp:
-        onnx_export.export_static(model, tmp / out.name, seq_len, cfg.compile.opset, cfg.compile.mask_value)
+        onnx_export.export_static(model, tmp / out.name, seq_len, cfg.compile.opset, cfg.compile.mask_value,
+                                  cfg.compile.rmsnorm)
         del model
         gc.collect()
         session = onnx_models.cpu_session(tmp / out.name)
@@ -41,7 +42,8 @@ def run(cfg: Config, seq_len: int) -> dict:
         if not max_diff <= cfg.export.max_abs_diff:
             raise AntinetError(f"static S={seq_len} graph differs from PyTorch by {max_diff:.3g} > "
                                f"export.max_abs_diff {cfg.export.max_abs_diff}: check compile.mask_value")
-    metrics = record(model=cfg.model.name, seq_len=seq_len, opset=cfg.compile.opset, max_abs_diff=max_diff,
+    metrics = record(model=cfg.model.name, seq_len=seq_len, opset=cfg.compile.opset, rmsnorm=cfg.compile.rmsnorm,
+                     max_abs_diff=max_diff,
                      size_mb=round(artifacts.onnx_size_mb(out), 3), seconds=round(time.perf_counter() - start, 2))
     artifacts.write_metrics(artifacts.METRICS / "export-npu" / f"s{seq_len}.json", metrics)
     log.info("%s: max |logits - PyTorch| %.2e, in %.1f s", out, max_diff, metrics["seconds"])
