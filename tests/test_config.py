@@ -26,6 +26,16 @@ def test_every_model_option_composes_and_validates(model):
     assert cfg.model.name == model
 
 
+def test_a_model_file_tunes_other_groups_and_the_command_line_wins():
+    shape = config.validate(config.compose(["model=qwen2-1.5b-shape"], ROOT / "conf"), source="shape")
+    assert shape.compile.precisions == [] and all(r.backend in ("torch", "ort-cpu") for r in shape.bench.runs.values())
+    back = config.compose(["model=qwen2-1.5b-shape", "bench/runs=default"], ROOT / "conf")
+    assert "qnn-htp-w8a16-128" in back.bench.runs
+    real = config.validate(config.compose(["model=smollm2-135m"], ROOT / "conf"), source="smollm2")
+    assert real.evaluate.gate_mode("int8-dynamic") == "warn" and real.evaluate.gate_mode("int8-block") == "fail"
+    assert real.evaluate.gate("int8-block").max_ppl_increase == 0.01
+
+
 def test_default_config_is_the_builtin_model():
     cfg = config.load(ROOT / "params.yaml")
     assert cfg.model.source == "builtin:tiny-qwen2" and cfg.model.is_builtin

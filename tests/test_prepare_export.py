@@ -81,6 +81,12 @@ def test_missing_local_directory(project, tmp_path):
     assert not (project.path / "models/pytorch/tiny-qwen2").exists()
 
 
+def test_missing_real_model_says_how_to_build_it(project, tmp_path):
+    proc = project.cli("prepare", "model=smollm2-135m", f"model.source={tmp_path}/smollm2")
+    _assert_clean_failure(proc, "model smollm2-135m: no checkpoint at", project)
+    assert "make real-model" in proc.stderr and "tools/real-model.sh" in proc.stderr
+
+
 def test_directory_without_config_json(project, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = project.cli("prepare", f"model.source={tmp_path}/empty")
