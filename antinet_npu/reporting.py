@@ -233,8 +233,7 @@ def benchmark_json(sources: list[Source], model: str) -> dict:
             "fallback_reason": r["fallback"], "tests": []})
         entry["tests"].append({"sequence_length": r["seq_len"], "avg_latency_ms": r["avg_ms"],
                                "min_latency_ms": r["min_ms"], "max_latency_ms": r["max_ms"],
-                               "throughput_qps": r["qps"], "speedup_vs_torch": r["speedup_vs_torch"],
-                               "speedup_vs_ort_fp32": r["speedup_vs_ort_fp32"]})
+                               "throughput_qps": r["qps"]})
     return {"model": model, "benchmarks": list(groups.values())}
 
 

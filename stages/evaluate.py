@@ -40,15 +40,19 @@ def run(cfg: Config, precision: str) -> dict:
     # One session at a time: FP32 logits first, then the variant (two 1.5B sessions together pass 14 GB).
     reference = onnx_models.cpu_session(ref_path, ev.threads)
     expected = [onnx_models.run_logits(reference, ids[None, :]) for ids in windows]
-    del reference
-    gc.collect()
-    variant = onnx_models.cpu_session(var_path, ev.threads)
+    if var_path == ref_path:
+        variant = reference  # fp32 against itself: the reference row (perplexity_fp32), one load
+    else:
+        del reference
+        gc.collect()
+        variant = onnx_models.cpu_session(var_path, ev.threads)
     meter = fidelity.FidelityMeter()
     for i, (ids, ref) in enumerate(zip(windows, expected)):
         meter.add(ref, onnx_models.run_logits(variant, ids[None, :]), ids[None, :])
         if (i + 1) % max(1, len(windows) // 4) == 0:
             log.info("%s: %d/%d windows", precision, i + 1, len(windows))
     del variant, expected
+    gc.collect()
     result = meter.result()
     gate = ev.gate(precision)
     violations = [] if precision == REFERENCE else fidelity.gate_violations(precision, result, gate)
