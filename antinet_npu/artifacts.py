@@ -45,6 +45,11 @@ def ctx_path(model: str, precision: str, seq_len: int) -> Path:
     return MODELS / "qnn" / f"{model}-{precision}-s{seq_len}_ctx.onnx"
 
 
+def sensitivity_path(probe: str) -> Path:
+    """Per-layer-group damage of a probe (metrics, read back by mixed recipes)."""
+    return METRICS / "sensitivity" / f"{probe}.json"
+
+
 def external_data(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 

@@ -21,6 +21,8 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                  [("--precision", dict(required=True, help="a key of quantize.recipes, e.g. int8-block"))]),
     "evaluate": ("fidelity of a variant vs the FP32 ONNX model -> metrics/evaluate/<precision>.json",
                  [("--precision", dict(required=True, help="a key of evaluate.variants, e.g. fp32 or int8-block"))]),
+    "sensitivity": ("per-layer-group damage of a quantization probe -> metrics/sensitivity/<probe>.json",
+                    [("--probe", dict(required=True, help="a key of sensitivity.probes, e.g. int8-block"))]),
     "export-npu": ("PyTorch snapshot -> static-shape graph models/npu/<model>-s<S>.onnx for the NPU",
                    [("--seq-len", dict(required=True, type=int, help="static sequence length, e.g. 128"))]),
     "compile": ("static graph -> QDQ -> QNN context binary models/qnn/<model>-<precision>-s<S>_ctx.onnx + .bin, "

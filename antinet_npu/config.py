@@ -124,6 +124,75 @@ class ExportConfig:
         _require(self.max_abs_diff > 0, "export.max_abs_diff must be positive")
 
 
+GRANULARITIES = ("block", "channel", "tensor")
+
+
+@dataclass
+class ProbeConfig:
+    """The numeric damage of a recipe family, simulated on the PyTorch model (fake quantization) by `sensitivity`."""
+
+    weight_bits: int = field(default=8, metadata=_help("bits per weight"))
+    weight_granularity: str = field(default="block", metadata=_help("block | channel | tensor: what shares a scale"))
+    block_size: int = field(default=32, metadata=_help("values per scale along K, for block granularity"))
+    weight_symmetric: bool = True
+    activation_bits: Optional[int] = field(default=None, metadata=_help("inputs of the quantized MatMuls "
+                                                                        "fake-quantized too (null: weights only)"))
+    activation_granularity: str = field(default="block", metadata=_help("block (per row, as MatMulNBits "
+                                                                         "accuracy_level 4 does) | tensor"))
+    activation_symmetric: bool = True
+
+    def check(self) -> None:
+        _require(2 <= self.weight_bits <= 16, f"weight_bits must be 2..16, got {self.weight_bits}")
+        _require(self.activation_bits is None or 2 <= self.activation_bits <= 16,
+                 f"activation_bits must be 2..16 or null, got {self.activation_bits}")
+        _require(self.weight_granularity in GRANULARITIES and self.activation_granularity in GRANULARITIES,
+                 f"weight_granularity and activation_granularity must be one of {', '.join(GRANULARITIES)}")
+        _require(self.block_size > 0, f"block_size must be positive, got {self.block_size}")
+
+
+@dataclass
+class SensitivityConfig:
+    """Per-layer-group damage of each probe (the `sensitivity` matrix), measured on calibration text."""
+
+    probes: dict[str, ProbeConfig] = field(default_factory=dict, metadata=_help("probe name -> damage model"))
+    num_samples: int = field(default=8, metadata=_help("calibration windows of seq_len tokens"))
+    seq_len: int = 128
+    threads: int = field(default=0, metadata=_help("torch threads (0: all cores)"))
+
+    def check(self) -> None:
+        _require(self.num_samples > 0 and self.seq_len > 1, "sensitivity.num_samples must be > 0 and seq_len > 1")
+        for name, probe in self.probes.items():
+            _require(bool(_SLUG.match(name)), f"sensitivity.probes: bad probe name {name!r}")
+            try:
+                probe.check()
+            except AntinetError as exc:
+                raise AntinetError(f"sensitivity.probes.{name}: {exc}") from None
+
+
+@dataclass
+class MixedConfig:
+    """Keep a recipe's most sensitive layer groups (ranked by a sensitivity probe) at a higher precision."""
+
+    probe: str = field(default=MISSING, metadata=_help("a key of sensitivity.probes whose ranking is used"))
+    keep: int = field(default=0, metadata=_help("how many of the most sensitive groups to keep"))
+    keep_as: str = field(default="float", metadata=_help("CPU: float | 8bit (8-bit blocks of block_size) | "
+                                                         "fp32-compute (same bits, float activations: slow on CPU); "
+                                                         "NPU: w16 (16-bit weights) | float (fp16 on HTP)"))
+    block_size: Optional[int] = field(default=None, metadata=_help("keep_as 8bit: block size of the kept groups "
+                                                                   "(null: the recipe's); smaller blocks also "
+                                                                   "quantize their activations in smaller blocks"))
+
+    def check(self, allowed: tuple[str, ...]) -> None:
+        _require(self.keep >= 0, f"mixed.keep must be >= 0, got {self.keep}")
+        _require(self.keep_as in allowed, f"mixed.keep_as must be one of {', '.join(allowed)}, got {self.keep_as!r}")
+        _require(self.block_size is None or (self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0),
+                 f"mixed.block_size must be a power of 2 >= 16, got {self.block_size}")
+
+
+CPU_KEEP_AS = ("float", "8bit", "fp32-compute")
+NPU_KEEP_AS = ("w16", "float")
+
+
 QUANT_METHODS = ("fp16", "dynamic-int8", "matmul-nbits")
 WEIGHT_TYPES = ("QUInt8", "QInt8")
 NBITS_ALGORITHMS = ("rtn", "hqq")
@@ -151,6 +220,8 @@ class RecipeConfig:
                                                          "optimisation of scales and zero points; 4 bits only)"))
     eight_bit_nodes: list[str] = field(default_factory=list,
                                        metadata=_help("matmul-nbits 4-bit: MatMul nodes kept at 8 bits (e.g. lm_head)"))
+    mixed: Optional[MixedConfig] = field(default=None, metadata=_help("matmul-nbits / dynamic-int8: keep the most "
+                                                                      "sensitive layer groups at higher precision"))
 
     def check(self) -> None:
         _require(self.method in QUANT_METHODS,
@@ -164,6 +235,13 @@ class RecipeConfig:
                  f"algorithm must be one of {', '.join(NBITS_ALGORITHMS)}, got {self.algorithm!r}")
         _require(self.algorithm != "hqq" or self.bits == 4, "algorithm hqq needs bits: 4")
         _require(not self.eight_bit_nodes or self.bits == 4, "eight_bit_nodes applies to bits: 4 only")
+        if self.mixed is not None:
+            _require(self.method != "fp16", "mixed applies to matmul-nbits and dynamic-int8 recipes")
+            self.mixed.check(CPU_KEEP_AS)
+            _require(self.mixed.keep_as != "8bit" or self.method == "matmul-nbits",
+                     "mixed.keep_as 8bit needs a matmul-nbits recipe")
+            _require(self.mixed.keep_as != "fp32-compute" or self.method == "matmul-nbits",
+                     "mixed.keep_as fp32-compute needs a matmul-nbits recipe")
 
 
 @dataclass
@@ -277,6 +355,11 @@ class QdqRecipeConfig:
     calibrate_method: str = field(default="MinMax", metadata=_help(", ".join(CALIBRATION_METHODS)))
     activation_symmetric: bool = False
     nodes_to_exclude: list[str] = field(default_factory=list)
+    float_residual: bool = field(default=False, metadata=_help("the residual stream (its Adds and the nodes "
+                                                                "reading it: RMSNorms) stays float, fp16 on HTP: "
+                                                                "massive activations span ~26000 in SmolLM2"))
+    mixed: Optional[MixedConfig] = field(default=None, metadata=_help("keep the most sensitive layer groups at 16-bit "
+                                                                      "weights (keep_as: w16) or float"))
 
     def check(self) -> None:
         _require(self.activation_type in QDQ_TYPES and self.weight_type in QDQ_TYPES,
@@ -285,6 +368,8 @@ class QdqRecipeConfig:
                  f"per_channel weights are symmetric: use weight_type QInt8 or QInt16, not {self.weight_type}")
         _require(self.calibrate_method in CALIBRATION_METHODS,
                  f"calibrate_method must be one of {', '.join(CALIBRATION_METHODS)}")
+        if self.mixed is not None:
+            self.mixed.check(NPU_KEEP_AS)
 
 
 @dataclass
@@ -394,8 +479,15 @@ class Config:
     compile: CompileConfig = field(default_factory=CompileConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
 
     def check(self) -> None:
+        recipes = [(f"quantize.recipes.{k}", r) for k, r in self.quantize.recipes.items()]
+        recipes += [(f"compile.recipes.{k}", r) for k, r in self.compile.recipes.items()]
+        for where, recipe in recipes:
+            _require(recipe.mixed is None or recipe.mixed.probe in self.sensitivity.probes,
+                     f"{where}.mixed.probe {getattr(recipe.mixed, 'probe', '')!r} is not a key of sensitivity.probes "
+                     f"(valid: {', '.join(self.sensitivity.probes) or 'none'})")
         _require(self.serve.run in self.bench.runs,
                  f"serve.run {self.serve.run!r} is not a key of bench.runs: choose one of {', '.join(self.bench.runs)}")
 

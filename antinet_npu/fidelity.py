@@ -33,6 +33,8 @@ class FidelityMeter:
     nll_ref_sum: float = 0.0
     predicted: int = 0
     nonfinite: int = field(default=0)
+    # per window (row): NLL sums of the variant and the reference, positions predicted, top-1 matches, positions
+    windows: list[tuple[float, float, int, int, int]] = field(default_factory=list)
 
     def add(self, reference: np.ndarray, variant: np.ndarray, input_ids: np.ndarray | None = None) -> None:
         """reference, variant: logits (..., S, V) for the same inputs; input_ids (..., S) for perplexity."""
@@ -42,7 +44,8 @@ class FidelityMeter:
             self.nonfinite += int((~np.isfinite(var)).any(axis=-1).sum())
             var = np.nan_to_num(var, nan=0.0, posinf=1e4, neginf=-1e4)
         self.positions += ref.shape[0]
-        self.top1_matches += int((ref.argmax(-1) == var.argmax(-1)).sum())
+        matches = ref.argmax(-1) == var.argmax(-1)
+        self.top1_matches += int(matches.sum())
         denom = np.linalg.norm(ref, axis=-1) * np.linalg.norm(var, axis=-1)
         self.cosine_sum += float(((ref * var).sum(-1) / np.maximum(denom, 1e-30)).sum())
         self.max_abs_error = max(self.max_abs_error, float(np.abs(ref - var).max()))
@@ -54,9 +57,13 @@ class FidelityMeter:
             lp_ref = lp_ref.reshape(ids.shape[0], seq, -1)[:, :-1]
             lp_var = lp_var.reshape(ids.shape[0], seq, -1)[:, :-1]
             nxt = ids[:, 1:, None]
-            self.nll_ref_sum -= float(np.take_along_axis(lp_ref, nxt, -1).sum())
-            self.nll_sum -= float(np.take_along_axis(lp_var, nxt, -1).sum())
+            nll_ref = -np.take_along_axis(lp_ref, nxt, -1)[..., 0].sum(-1)
+            nll_var = -np.take_along_axis(lp_var, nxt, -1)[..., 0].sum(-1)
+            self.nll_ref_sum += float(nll_ref.sum())
+            self.nll_sum += float(nll_var.sum())
             self.predicted += nxt.size
+            rows = matches.reshape(ids.shape[0], seq).sum(-1)
+            self.windows += [(float(v), float(r), seq - 1, int(m), seq) for v, r, m in zip(nll_var, nll_ref, rows)]
 
     def result(self) -> dict[str, float | int]:
         n = max(self.positions, 1)
@@ -71,7 +78,30 @@ class FidelityMeter:
         if self.predicted:
             ppl, ppl_ref = math.exp(self.nll_sum / self.predicted), math.exp(self.nll_ref_sum / self.predicted)
             out.update(perplexity=ppl, perplexity_fp32=ppl_ref, ppl_increase=ppl / ppl_ref - 1.0)
+            out.update(self.intervals())
         return out
+
+    def intervals(self, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+        """95 % bootstrap intervals over windows for the perplexity change and top-1 agreement: how far the
+        sampling of held-out windows alone could move them (one window gives no interval)."""
+        if len(self.windows) < 2:
+            return {}
+        w = np.asarray(self.windows, dtype=np.float64)
+        picks = np.random.default_rng(seed).integers(0, len(w), size=(resamples, len(w)))
+        sums = w[picks].sum(axis=1)  # (resamples, 5)
+        ppl_increase = np.exp((sums[:, 0] - sums[:, 1]) / sums[:, 2]) - 1.0
+        top1 = sums[:, 3] / sums[:, 4]
+        lo, hi = np.percentile(ppl_increase, [2.5, 97.5])
+        t_lo, t_hi = np.percentile(top1, [2.5, 97.5])
+        return {"ppl_increase_ci_low": float(lo), "ppl_increase_ci_high": float(hi),
+                "top1_ci_low": float(t_lo), "top1_ci_high": float(t_hi)}
+
+
+def interval_text(metrics: dict) -> str:
+    """', 95 % CI -0.10..+0.90 %' for a log line, when the bootstrap interval is known."""
+    if "ppl_increase_ci_low" not in metrics:
+        return ""
+    return f", 95 % CI {100 * metrics['ppl_increase_ci_low']:+.2f}..{100 * metrics['ppl_increase_ci_high']:+.2f} %"
 
 
 def gate_violations(precision: str, metrics: dict, gate: GateConfig) -> list[str]:

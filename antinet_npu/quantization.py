@@ -17,11 +17,23 @@ import onnx
 from antinet_npu.artifacts import MODELS
 from antinet_npu.config import QdqRecipeConfig, RecipeConfig
 from antinet_npu.onnx_models import save
+from antinet_npu.sensitivity import group_of
 
 log = logging.getLogger(__name__)
 
 
-def fp16(src: Path, recipe: RecipeConfig, out: Path) -> None:
+def weight_nodes(src: Path, groups: list[str], op_types: tuple[str, ...] = ("MatMul", "Gather")) -> list[str]:
+    """Names of the nodes of `src` whose constant weight belongs to one of the layer `groups` (see sensitivity)."""
+    if not groups:
+        return []
+    model = onnx.load(src, load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    wanted = set(groups)
+    return [n.name for n in model.graph.node if n.op_type in op_types and group_of(n.name) in wanted
+            and any(x in weights for x in n.input)]
+
+
+def fp16(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:
     """Float16 weights and compute; graph inputs/outputs stay float32 when `keep_io_types`."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -37,28 +49,40 @@ def fp16(src: Path, recipe: RecipeConfig, out: Path) -> None:
                                   node_block_list=recipe.nodes_to_exclude or None), out)
 
 
-def dynamic_int8(src: Path, recipe: RecipeConfig, out: Path) -> None:
-    """onnxruntime `quantize_dynamic`: int8 weights, activations quantized per tensor at run time."""
+def dynamic_int8(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:
+    """onnxruntime `quantize_dynamic`: int8 weights, activations quantized per tensor at run time.
+
+    `keep`: nodes left in float (a mixed recipe's most sensitive groups)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Written straight to `out` (weights in `out.data`, as `save` names them): no second in-memory copy.
     quantize_dynamic(src, out, weight_type=getattr(QuantType, recipe.weight_type),
                      per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                      op_types_to_quantize=recipe.op_types or None,
-                     nodes_to_exclude=recipe.nodes_to_exclude or None, use_external_data_format=True)
+                     nodes_to_exclude=recipe.nodes_to_exclude + keep or None, use_external_data_format=True)
 
 
-def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path) -> None:
+def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:
     """Block-wise weight-only quantization of MatMul weights into `MatMulNBits` (4 or 8 bits).
 
     4-bit recipes may keep some MatMuls (`eight_bit_nodes`, typically the lm_head, whose errors go straight into the
-    logits) at 8 bits: a second pass over just those nodes.
+    logits) at 8 bits: a second pass over just those nodes. A mixed recipe's `keep` nodes stay float, or get a pass
+    of their own: 8 bits in blocks of `mixed.block_size` (with accuracy_level 4 the activations are quantized in the
+    same blocks), or the recipe's bits with float compute (accuracy_level 1: activations not quantized; onnxruntime
+    dequantizes the whole weight per call, ~100x slower at one token on the CPUs measured).
     """
+    keep_as = recipe.mixed.keep_as if recipe.mixed else "float"
     model = _nbits_pass(onnx.load(src), recipe.bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level,
-                        recipe.algorithm, exclude=recipe.nodes_to_exclude + recipe.eight_bit_nodes)
+                        recipe.algorithm, exclude=recipe.nodes_to_exclude + recipe.eight_bit_nodes + keep)
     if recipe.eight_bit_nodes:
         model = _nbits_pass(model, 8, recipe.block_size, True, recipe.accuracy_level, "rtn",
                             include=recipe.eight_bit_nodes)
+    if keep and keep_as == "8bit":
+        model = _nbits_pass(model, 8, recipe.mixed.block_size or recipe.block_size, True, recipe.accuracy_level, "rtn",
+                            include=keep)
+    if keep and keep_as == "fp32-compute":
+        model = _nbits_pass(model, recipe.bits, recipe.block_size, recipe.symmetric, 1, recipe.algorithm,
+                            include=keep)
     save(model, out)
 
 
@@ -83,20 +107,25 @@ def _nbits_pass(model: onnx.ModelProto, bits: int, block_size: int, symmetric: b
     return model
 
 
-METHODS: dict[str, Callable[[Path, RecipeConfig, Path], None]] = {
+METHODS: dict[str, Callable[[Path, RecipeConfig, Path, list[str]], None]] = {
     "fp16": fp16,
     "dynamic-int8": dynamic_int8,
     "matmul-nbits": matmul_nbits,
 }
 
 
-def quantize(src: Path, recipe: RecipeConfig, out: Path) -> None:
-    """Write the variant of `src` that `recipe` describes to `out` (+ `out.data`)."""
-    METHODS[recipe.method](src, recipe, out)
+def quantize(src: Path, recipe: RecipeConfig, out: Path, keep: list[str] | None = None) -> None:
+    """Write the variant of `src` that `recipe` describes to `out` (+ `out.data`); `keep`: node names a mixed
+    recipe holds at higher precision (`recipe.mixed.keep_as`)."""
+    METHODS[recipe.method](src, recipe, out, list(keep or []))
 
 
-def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict]) -> onnx.ModelProto:
-    """Static QDQ for QNN: activation/weight types from the recipe, ranges calibrated on `calibration` feeds."""
+def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict], keep: list[str] | None = None
+               ) -> onnx.ModelProto:
+    """Static QDQ for QNN: activation/weight types from the recipe, ranges calibrated on `calibration` feeds.
+
+    `keep`: MatMul nodes kept at higher precision (`recipe.mixed.keep_as`): 16-bit weights (per output channel), or
+    left float. With `recipe.float_residual` the residual stream stays float (see `residual_nodes`)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantType
     from onnxruntime.quantization import quantize as ort_quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -108,13 +137,18 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict]) -> o
         def get_next(self):
             return next(self._it, None)
 
+    keep = list(keep or [])
+    as_float = keep if recipe.mixed and recipe.mixed.keep_as == "float" else []
+    excluded = recipe.nodes_to_exclude + as_float + (residual_nodes(src) if recipe.float_residual else [])
     weight_type = getattr(QuantType, recipe.weight_type)
+    overrides = _per_channel_matmul(src, weight_type) if recipe.per_channel else {}
+    overrides.update(_per_channel_matmul(src, QuantType.QInt16, only=set(keep) - set(as_float)))
     config = get_qnn_qdq_config(str(src), Feeds(), calibrate_method=getattr(CalibrationMethod, recipe.calibrate_method),
                                 activation_type=getattr(QuantType, recipe.activation_type),
                                 weight_type=weight_type, per_channel=recipe.per_channel,
-                                init_overrides=_per_channel_matmul(src, weight_type) if recipe.per_channel else None,
+                                init_overrides=overrides or None,
                                 activation_symmetric=recipe.activation_symmetric,
-                                nodes_to_exclude=recipe.nodes_to_exclude or None)
+                                nodes_to_exclude=excluded or None)
     config.use_external_data_format = True
     MODELS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=MODELS, prefix=".qdq-") as tmp:
@@ -123,8 +157,32 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict]) -> o
         return onnx.load(out)
 
 
-def _per_channel_matmul(src: Path, weight_type) -> dict[str, list[dict]]:
-    """Per-output-channel, symmetric weight overrides for every MatMul with a constant 2-D weight.
+def residual_nodes(src: Path) -> list[str]:
+    """The residual stream of a decoder graph: the Adds that carry it from the embedding to the final norm, and every
+    node that reads it (the RMSNorms). Found by structure: from the embedding Gather's output, an Add with a
+    residual input produces the next residual tensor.
+
+    Real LLMs carry "massive activations" there (SmolLM2-135M: one channel near 25600 from layer 11 on); one
+    16-bit scale over that range is a step of 0.4, which erases the ordinary values (~1) of every other channel.
+    """
+    model = onnx.load(src, load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    stream = {n.output[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights}
+    adds, readers = [], []
+    for node in model.graph.node:  # ONNX nodes are stored in topological order
+        if not stream.intersection(node.input):
+            continue
+        if node.op_type == "Add":
+            adds.append(node.name)
+            stream.add(node.output[0])
+        elif node.op_type != "MatMul":
+            readers.append(node.name)
+    return adds + readers
+
+
+def _per_channel_matmul(src: Path, weight_type, only: set[str] | None = None) -> dict[str, list[dict]]:
+    """Per-output-channel, symmetric weight overrides for every MatMul with a constant 2-D weight (or those named
+    in `only`).
 
     get_qnn_qdq_config's `per_channel` covers only Conv/ConvTranspose; an LLM is MatMuls, whose per-tensor 8-bit
     weights alone cost SmolLM2-135M a quarter of its top-1 agreement (0.77 vs 0.96 per-channel).
@@ -132,7 +190,8 @@ def _per_channel_matmul(src: Path, weight_type) -> dict[str, list[dict]]:
     model = onnx.load(src, load_external_data=False)
     weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
     return {n.input[1]: [{"quant_type": weight_type, "axis": 1, "symmetric": True}]
-            for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+            for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+            and (only is None or n.name in only)}
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

@@ -112,8 +112,8 @@ def speedups(sources: list[Source]) -> dict[str, dict]:
             if any(r[k] is not None for k in BASELINES)}
 
 
-STAGE_METRICS = ("prepare.json", "export.json", "quantize/*.json", "evaluate/*.json", "export-npu/*.json",
-                 "compile/*.json", "bench/*.json")
+STAGE_METRICS = ("prepare.json", "export.json", "sensitivity/*.json", "quantize/*.json", "evaluate/*.json",
+                 "export-npu/*.json", "compile/*.json", "bench/*.json")
 
 
 def resource_lines(model: str, root: Path = METRICS) -> list[str]:
@@ -144,6 +144,38 @@ def fidelity_lines(source: Source, model: str) -> list[str]:
         lines.append(f"| {unit} | {name} | {_fmt(size, '.1f')} | {_fmt(m.get('top1_agreement'), '.4f')} | "
                      f"{_fmt(m.get('cosine'), '.5f')} | {_pct(m.get('ppl_increase'))} | {gate} |")
     return lines + [""]
+
+
+def sensitivity_lines(model: str, root: Path = METRICS, top: int = 10) -> list[str]:
+    """Per probe, the layer groups whose quantization alone does the most damage, and what each mixed recipe kept."""
+    probes = {p: m for p, m in read_metrics(root / "sensitivity").items() if m.get("model") == model}
+    if not probes:
+        return []
+    lines = ["### Layer-group sensitivity (one group quantized at a time, calibration text)", ""]
+    for probe, m in probes.items():
+        ranked = sorted(m["groups"].items(), key=lambda kv: kv[1]["rank"])
+        total = sum(g["kl"] for _, g in ranked)
+        lines += [f"Probe `{probe}`: {len(ranked)} groups, KL summed over groups {total:.2e}; the top {top}:", "",
+                  "| rank | group | KL vs float | share of summed KL | top-1 |", "|---|---|---|---|---|"]
+        lines += [f"| {g['rank']} | {name} | {g['kl']:.2e} | {100 * g['kl'] / total if total else 0:.1f} % | "
+                  f"{g['top1_agreement']:.4f} |" for name, g in ranked[:top]]
+        lines.append("")
+    kept = [(f"CPU {p}", m) for p, m in sorted(read_metrics(root / "quantize").items())]
+    kept += [(f"NPU {p}", m) for p, m in sorted(read_metrics(root / "compile").items())]
+    kept = [(name, m) for name, m in kept if m.get("model") == model and m.get("mixed_probe")]
+    if kept:
+        lines += ["| mixed variant | probe | kept as | groups kept |", "|---|---|---|---|"]
+        lines += [f"| {name} | {m['mixed_probe']} | {m['mixed_keep_as']} | {m['kept_groups'].replace(',', ', ')} |"
+                  for name, m in kept]
+        lines.append("")
+    return lines
+
+
+def sensitivity_rows(model: str, root: Path = METRICS) -> list[dict]:
+    """Plot data: every probe's damage per layer group."""
+    return [{"probe": probe, "group": name, "rank": g["rank"], "kl": g["kl"], "top1_agreement": g["top1_agreement"]}
+            for probe, m in read_metrics(root / "sensitivity").items() if m.get("model") == model
+            for name, g in sorted(m["groups"].items())]
 
 
 def _fmt(value, spec: str, none: str = "–") -> str:
@@ -178,7 +210,8 @@ def summary_markdown(sources: list[Source], compare_at: int = 128) -> str:
                 f"{'**emulated**' if r['emulated'] else 'no'} | {fallback} |")
         lines += ["", "× torch, × ORT fp32: speedup over PyTorch eager FP32 and onnxruntime FP32 measured in the same "
                   "run at the same S (none for emulated timings).", "",
-                  *fidelity_lines(sources[0], model), *comparison(table, model, compare_at), "",
+                  *fidelity_lines(sources[0], model), *sensitivity_lines(model),
+                  *comparison(table, model, compare_at), "",
                   *resource_lines(model)]
     lines += environment(sources)
     return "\n".join(lines) + "\n"

@@ -11,7 +11,17 @@ import gc
 import logging
 import time
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, onnx_models, qnn, quantization
+from antinet_npu import (
+    AntinetError,
+    artifacts,
+    checkpoint,
+    corpus,
+    fidelity,
+    onnx_models,
+    qnn,
+    quantization,
+    sensitivity,
+)
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 
@@ -38,13 +48,16 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
                    for w in corpus.windows(tokenizer, splits["calib"], seq_len, cc.calib_samples, "calibration")]
     held_out = corpus.windows(tokenizer, splits["eval"], seq_len, cc.verify_samples, "evaluation")
 
+    groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name)
+    keep = quantization.weight_nodes(src, groups, ("MatMul",))
     qdq_out = artifacts.qdq_path(cfg.model.name, precision, seq_len)
     ctx_out = artifacts.ctx_path(cfg.model.name, precision, seq_len)
     with artifacts.staged_files(ctx_out.parent) as tmp:
         start = time.perf_counter()
-        log.info("static QDQ %s (%s activations, %s weights), %d calibration windows", precision,
-                 recipe.activation_type, recipe.weight_type, len(calibration))
-        model = quantization.qdq_static(src, recipe, calibration)
+        log.info("static QDQ %s (%s activations, %s weights%s%s), %d calibration windows", precision,
+                 recipe.activation_type, recipe.weight_type, "; float residual stream" if recipe.float_residual else "",
+                 f"; {recipe.mixed.keep_as} for {', '.join(groups)}" if groups else "", len(calibration))
+        model = quantization.qdq_static(src, recipe, calibration, keep)
         compute_nodes = sum(n.op_type not in qnn.BOUNDARY_OPS for n in model.graph.node)
         onnx_models.save(model, tmp / qdq_out.name)
         del model, calibration
@@ -75,7 +88,9 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
             model=cfg.model.name, precision=precision, seq_len=seq_len, backend="qnn-htp",
             device=qnn.device_name(), emulated=qnn.emulated(), target=cfg.target.name,
             soc_model=cfg.target.soc_model, htp_arch=cfg.target.htp_arch, activation_type=recipe.activation_type,
-            weight_type=recipe.weight_type, samples=len(held_out), **result, context_nodes=contexts,
+            weight_type=recipe.weight_type, float_residual=recipe.float_residual,
+            **sensitivity.mixed_metrics(recipe.mixed, groups, keep),
+            samples=len(held_out), **result, context_nodes=contexts,
             compute_nodes=compute_nodes, cpu_compute_nodes=len(outside),
             qnn_node_fraction=round(1 - len(outside) / max(compute_nodes, 1), 6),
             bin_size_mb=round(sum(b.stat().st_size for b in bins) / 1e6, 3),
@@ -87,7 +102,8 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
             raise AntinetError("fidelity gate: " + "; ".join(violations) + " (bounds in compile.gates)")
     if violations:
         log.warning("fidelity gate: %s", "; ".join(violations))
-    log.info("%s + %s (%.1f MB): top-1 %.4f, cosine %.5f vs FP32, %d/%d compute nodes in QNN%s", ctx_out.name,
-             ", ".join(b.name for b in bins), metrics["bin_size_mb"], result["top1_agreement"], result["cosine"],
+    log.info("%s + %s (%.1f MB): top-1 %.4f, cosine %.5f, perplexity %+.2f%%%s vs FP32, %d/%d compute nodes in QNN%s",
+             ctx_out.name, ", ".join(b.name for b in bins), metrics["bin_size_mb"], result["top1_agreement"],
+             result["cosine"], 100 * result["ppl_increase"], fidelity.interval_text(result),
              compute_nodes - len(outside), compute_nodes, " (emulated)" if qnn.emulated() else "")
     return metrics

@@ -12,7 +12,7 @@ import time
 
 import onnx
 
-from antinet_npu import AntinetError, artifacts, onnx_models, quantization
+from antinet_npu import AntinetError, artifacts, onnx_models, quantization, sensitivity
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 
@@ -33,16 +33,21 @@ def run(cfg: Config, precision: str) -> dict:
     recipe = recipes[precision]
     src, out = artifacts.onnx_path(cfg.model.name), artifacts.onnx_path(cfg.model.name, precision)
     onnx_models.check_model(src)
+    groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name)
+    keep = quantization.weight_nodes(src, groups, ("MatMul",) if recipe.method == "matmul-nbits" else ("MatMul",
+                                                                                                        "Gather"))
     start = time.perf_counter()
-    log.info("quantizing %s -> %s (%s)", src, out, recipe.method)
+    log.info("quantizing %s -> %s (%s)%s", src, out, recipe.method,
+             f", keeping {len(keep)} nodes of {', '.join(groups)} as {recipe.mixed.keep_as}" if keep else "")
     with artifacts.staged_files(out.parent) as tmp:
-        quantization.quantize(src, recipe, tmp / out.name)
+        quantization.quantize(src, recipe, tmp / out.name, keep)
         gc.collect()
         ops = quantization.op_histogram(onnx.load(tmp / out.name, load_external_data=False))
     size_mb, fp32_mb = artifacts.onnx_size_mb(out), artifacts.onnx_size_mb(src)
     settings = {k: v for k, v in dataclasses.asdict(recipe).items() if k in METHOD_FIELDS[recipe.method]}
     metrics = record(model=cfg.model.name, precision=precision, method=recipe.method, **settings,
-                     excluded_nodes=len(recipe.nodes_to_exclude), size_mb=round(size_mb, 3),
+                     excluded_nodes=len(recipe.nodes_to_exclude),
+                     **sensitivity.mixed_metrics(recipe.mixed, groups, keep), size_mb=round(size_mb, 3),
                      size_ratio=round(size_mb / fp32_mb, 4), quantized_ops=_quantized_ops(ops),
                      seconds=round(time.perf_counter() - start, 2))
     artifacts.write_metrics(artifacts.METRICS / "quantize" / f"{precision}.json", metrics)

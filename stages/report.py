@@ -36,6 +36,8 @@ def run(cfg: Config) -> dict:
     artifacts.write_metrics(artifacts.METRICS / "speedup.json", reporting.speedups(sources))
     artifacts.write_text(PLOTS / "latency.csv", _csv(latency, ["series", "seq_len", "avg_latency_ms", "emulated"]))
     artifacts.write_text(PLOTS / "fidelity.csv", _csv(fidelity, ["variant", "size_mb", "top1_agreement", "cosine"]))
+    artifacts.write_text(PLOTS / "sensitivity.csv", _csv(reporting.sensitivity_rows(cfg.model.name),
+                                                         ["probe", "group", "rank", "kl", "top1_agreement"]))
     devices = [s.name for s in sources[1:]]
     log.info("reports/summary.md, reports/benchmark.json (%d benchmarks), reports/plots/ (%d latency points)%s",
              len(report["benchmarks"]), len(latency), f"; device results merged: {', '.join(devices)}" if devices

@@ -1,0 +1,277 @@
+"""Per-layer-group quantization sensitivity, measured on the PyTorch model with fake quantization.
+
+A *group* is a set of weight matrices quantized together: per decoder layer the attention projections (q/k/v/o),
+the MLP's input projections (gate/up) and its output projection (down), plus the lm_head and the embedding. A
+*probe* is the numeric damage a recipe family does (weight bits and granularity, activation bits and granularity).
+For each group alone the probe fake-quantizes that group, runs calibration windows, and records the damage against
+the float model (KL, top-1 agreement); everything else stays float. Weight-only fake quantization on the CPU was a
+trustworthy proxy of the NPU's weight error on SmolLM2 (see NOTES), unlike running QDQ models on the CPU EP.
+
+Mixed recipes read the ranking (`most_sensitive`) and keep the top groups at a higher precision.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from antinet_npu import AntinetError
+from antinet_npu.artifacts import sensitivity_path
+from antinet_npu.config import MixedConfig, ProbeConfig
+
+_LAYER = re.compile(r"layers[./](\d+)[./](self_attn|mlp)[./](\w+?)_proj\b")
+_KIND = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp_in", "up": "mlp_in", "down": "mlp_out"}
+GROUP_KINDS = ("attn", "mlp_in", "mlp_out")
+
+
+def group_of(name: str) -> str | None:
+    """The group of a weight's module or ONNX node name (`model.layers.3.mlp.up_proj`,
+    `/model/model/layers.3/mlp/up_proj/MatMul`, `/model/lm_head/MatMul`), or None."""
+    m = _LAYER.search(name)
+    if m:
+        kind = _KIND.get(m.group(3))
+        return f"layer{int(m.group(1)):02d}.{kind}" if kind else None
+    if re.search(r"(^|[./])lm_head([./]|$)", name):
+        return "lm_head"
+    if re.search(r"(^|[./])embed_tokens([./]|$)", name):
+        return "embedding"
+    return None
+
+
+@dataclass(frozen=True)
+class GroupDamage:
+    group: str
+    kl: float
+    top1_agreement: float
+    params: int
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """What the sensitivity stage measured for one probe: each group's damage, most damaging first."""
+
+    model: str
+    probe: str
+    groups: tuple[GroupDamage, ...]
+
+    def ranked(self) -> list[GroupDamage]:
+        return sorted(self.groups, key=lambda g: (-g.kl, g.group))
+
+    def most_sensitive(self, count: int) -> list[str]:
+        return [g.group for g in self.ranked()[:count]]
+
+    @classmethod
+    def read(cls, path: Path, model: str) -> Sensitivity:
+        """The ranking written by `sensitivity@<probe>` for `model`; a missing, damaged or other model's file is
+        an error naming the stage to run."""
+        stage = f"`dvc repro sensitivity@{path.stem}`"
+        if not path.is_file():
+            raise AntinetError(f"{path} not found: run {stage} first")
+        try:
+            data = json.loads(path.read_text())
+            groups = tuple(GroupDamage(name, float(g["kl"]), float(g["top1_agreement"]), int(g["params"]))
+                           for name, g in data["groups"].items())
+            found = cls(str(data["model"]), str(data["probe"]), groups)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise AntinetError(f"{path} is damaged ({type(exc).__name__}: {exc}): re-run {stage}") from None
+        if found.model != model:
+            raise AntinetError(f"{path} was measured on {found.model}, not {model}: re-run {stage}")
+        return found
+
+
+def fake_quant(x, bits: int, granularity: str, block_size: int = 32, symmetric: bool = True):
+    """Quantize-dequantize `x` (torch). Scales are shared by `block_size` consecutive values of the last axis
+    (`block`: K of a (out, in) weight or of an activation row), by a row (`channel`: an output channel of a weight),
+    or by the whole tensor (`tensor`)."""
+    import torch
+
+    shape = x.shape
+    if granularity == "tensor":
+        flat = x.reshape(1, -1)
+    elif granularity == "channel":
+        flat = x.reshape(-1, shape[-1])
+    else:
+        pad = (-shape[-1]) % block_size
+        flat = torch.nn.functional.pad(x, (0, pad)).reshape(-1, block_size)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = flat.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+        out = (flat / scale).round().clamp(-qmax - 1, qmax) * scale
+    else:
+        lo, hi = flat.amin(-1, keepdim=True).clamp_max(0), flat.amax(-1, keepdim=True).clamp_min(0)
+        scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-12)
+        zero = (-lo / scale).round()
+        out = ((flat / scale).round() + zero).clamp(0, 2 ** bits - 1).sub(zero) * scale
+    if granularity == "block":
+        out = out.reshape(*shape[:-1], -1)[..., : shape[-1]]
+    return out.reshape(shape)
+
+
+def modules_by_group(model) -> dict[str, list[tuple[str, object]]]:
+    """Weight-bearing modules (Linear, Embedding) by group, in model order."""
+    import torch
+
+    out: dict[str, list[tuple[str, object]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            group = group_of(name)
+            if group:
+                out.setdefault(group, []).append((name, module))
+    return out
+
+
+@contextmanager
+def quantized(modules: list[tuple[str, object]], probe: ProbeConfig) -> Iterator[None]:
+    """Within the block, `modules` run with the probe's fake-quantized weights (and inputs, for Linear layers).
+
+    New Parameters are assigned rather than written in place, so tied weights (lm_head = embedding) stay float in
+    the module that is not being probed.
+    """
+    import torch
+
+    saved, hooks = [], []
+    p = probe
+    for _, module in modules:
+        saved.append((module, module.weight))
+        module.weight = torch.nn.Parameter(fake_quant(module.weight.data, p.weight_bits, p.weight_granularity,
+                                                      p.block_size, p.weight_symmetric), requires_grad=False)
+        if p.activation_bits and isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_pre_hook(lambda _m, args: (fake_quant(
+                args[0], p.activation_bits, p.activation_granularity, p.block_size, p.activation_symmetric),
+                *args[1:])))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, weight in saved:
+            module.weight = weight
+
+
+def measure(model, model_name: str, windows: np.ndarray, probe_name: str, probe: ProbeConfig, batch: int = 4,
+            progress=None) -> Sensitivity:
+    """Each group's damage under `probe`, alone, on `windows` (N, S) of token ids."""
+    import torch
+
+    ids = torch.from_numpy(np.asarray(windows, dtype=np.int64))
+
+    def logprobs() -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([torch.log_softmax(model(input_ids=ids[i:i + batch], use_cache=False).logits.float(), -1)
+                              for i in range(0, len(ids), batch)])
+
+    reference = logprobs()
+    ref_top1 = reference.argmax(-1)
+    ref_p = reference.exp()
+    groups = modules_by_group(model)
+    results = []
+    for k, (group, modules) in enumerate(groups.items()):
+        with quantized(modules, probe):
+            variant = logprobs()
+        kl = float((ref_p * (reference - variant)).sum(-1).mean())
+        top1 = float((variant.argmax(-1) == ref_top1).float().mean())
+        params = sum(m.weight.numel() for _, m in modules)
+        results.append(GroupDamage(group, kl, top1, params))
+        del variant
+        if progress:
+            progress(k + 1, len(groups), group, kl)
+    return Sensitivity(model_name, probe_name, tuple(results))
+
+
+ACTIVATION_SITES = ("residual", "norm_out", "linear_in", "linear_out")
+
+
+def _sites(model) -> dict[str, tuple[str, list]]:
+    """Activation tensors by site: (hook on module 'in'put or 'out'put, modules)."""
+    import torch
+
+    linears = [m for _, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return {"residual": ("out", list(model.model.layers)),  # the stream between decoder layers
+            "norm_out": ("out", [m for n, m in model.named_modules() if n.endswith("norm")]),
+            "linear_in": ("in", linears), "linear_out": ("out", linears)}
+
+
+def measure_activations(model, calibration: np.ndarray, windows: np.ndarray, bits: int, batch: int = 4
+                        ) -> dict[str, dict]:
+    """Damage of static per-tensor activation quantization at `bits`, one site at a time (all its tensors):
+    ranges calibrated (MinMax) on `calibration`, damage measured on `windows`. This is what a QDQ recipe does to
+    activations; a site whose range is huge (massive activations in the residual stream) is where it hurts."""
+    import torch
+
+    def first(x):
+        return x[0] if isinstance(x, tuple) else x
+
+    def run(ids: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        with torch.inference_mode():
+            return torch.cat([torch.log_softmax(model(input_ids=t[i:i + batch], use_cache=False).logits.float(), -1)
+                              for i in range(0, len(t), batch)])
+
+    def fq(x, lo: float, hi: float):
+        scale = max((hi - lo) / (2 ** bits - 1), 1e-12)
+        zero = round(-lo / scale)
+        return (torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
+
+    reference = run(windows)
+    out = {}
+    for site, (where, modules) in _sites(model).items():
+        ranges: dict[int, tuple[float, float]] = {}
+
+        def observe(k, t):
+            lo, hi = ranges.get(k, (0.0, 0.0))
+            ranges[k] = (min(lo, float(t.min())), max(hi, float(t.max())))
+
+        hooks = [m.register_forward_pre_hook(lambda _m, a, k=k: observe(k, a[0])) if where == "in" else
+                 m.register_forward_hook(lambda _m, _a, o, k=k: observe(k, first(o))) for k, m in enumerate(modules)]
+        run(calibration)
+        for h in hooks:
+            h.remove()
+
+        def quant_out(o, lo, hi):
+            return (fq(o[0], lo, hi), *o[1:]) if isinstance(o, tuple) else fq(o, lo, hi)
+
+        hooks = [m.register_forward_pre_hook(lambda _m, a, r=ranges[k]: (fq(a[0], *r), *a[1:])) if where == "in"
+                 else m.register_forward_hook(lambda _m, _a, o, r=ranges[k]: quant_out(o, *r))
+                 for k, m in enumerate(modules)]
+        variant = run(windows)
+        for h in hooks:
+            h.remove()
+        widest = max(hi - lo for lo, hi in ranges.values())
+        out[site] = {"kl": float((reference.exp() * (reference - variant)).sum(-1).mean()),
+                     "top1_agreement": float((variant.argmax(-1) == reference.argmax(-1)).float().mean()),
+                     "widest_range": widest, "step_at_widest": widest / (2 ** bits - 1)}
+    return out
+
+
+def to_metrics(sensitivity: Sensitivity) -> dict:
+    ranked = sensitivity.ranked()
+    return {"model": sensitivity.model, "probe": sensitivity.probe, "num_groups": len(ranked),
+            "max_kl": ranked[0].kl if ranked else None, "most_sensitive": ranked[0].group if ranked else None,
+            "groups": {g.group: {"kl": g.kl, "top1_agreement": g.top1_agreement, "params": g.params,
+                                 "rank": ranked.index(g) + 1} for g in sensitivity.groups}}
+
+
+def plot_rows(sensitivity: Sensitivity) -> list[dict]:
+    return [{"probe": sensitivity.probe, "group": g.group, "kl": g.kl, "top1_agreement": g.top1_agreement}
+            for g in sensitivity.groups]
+
+
+def kept_groups(mixed: MixedConfig | None, model: str) -> list[str]:
+    """The layer groups a mixed recipe keeps at higher precision: the `keep` most damaging under its probe."""
+    if mixed is None or mixed.keep == 0:
+        return []
+    return Sensitivity.read(sensitivity_path(mixed.probe), model).most_sensitive(mixed.keep)
+
+
+def mixed_metrics(mixed: MixedConfig | None, groups: list[str], nodes: list[str]) -> dict:
+    """What a mixed recipe kept, as metric scalars (nothing for a uniform recipe)."""
+    if mixed is None:
+        return {}
+    return {"mixed_probe": mixed.probe, "mixed_keep_as": mixed.keep_as, "kept_groups": ",".join(groups),
+            "kept_nodes": len(nodes)}
