@@ -22,15 +22,16 @@ from antinet_npu.sensitivity import group_of
 log = logging.getLogger(__name__)
 
 
-def weight_nodes(src: Path, groups: list[str], op_types: tuple[str, ...] = ("MatMul", "Gather")) -> list[str]:
-    """Names of the nodes of `src` whose constant weight belongs to one of the layer `groups` (see sensitivity)."""
-    if not groups:
-        return []
+def weight_groups(src: Path, op_types: tuple[str, ...] = ("MatMul", "Gather")) -> dict[str, list[str]]:
+    """Layer group (see sensitivity) -> names of the nodes of `src` that apply a constant weight of that group."""
     model = onnx.load(src, load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
-    wanted = set(groups)
-    return [n.name for n in model.graph.node if n.op_type in op_types and group_of(n.name) in wanted
-            and any(x in weights for x in n.input)]
+    out: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        group = group_of(n.name)
+        if group and n.op_type in op_types and any(x in weights for x in n.input):
+            out.setdefault(group, []).append(n.name)
+    return out
 
 
 def fp16(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:

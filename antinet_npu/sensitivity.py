@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +62,6 @@ class Sensitivity:
 
     def ranked(self) -> list[GroupDamage]:
         return sorted(self.groups, key=lambda g: (-g.kl, g.group))
-
-    def most_sensitive(self, count: int) -> list[str]:
-        return [g.group for g in self.ranked()[:count]]
 
     @classmethod
     def read(cls, path: Path, model: str) -> Sensitivity:
@@ -163,7 +160,7 @@ def measure(model, model_name: str, windows: np.ndarray, probe_name: str, probe:
 
     def logprobs() -> torch.Tensor:
         with torch.inference_mode():
-            return torch.cat([torch.log_softmax(model(input_ids=ids[i:i + batch], use_cache=False).logits.float(), -1)
+            return torch.cat([torch.log_softmax(model(input_ids=ids[i:i + batch], use_cache=False).logits.double(), -1)
                               for i in range(0, len(ids), batch)])
 
     reference = logprobs()
@@ -174,7 +171,7 @@ def measure(model, model_name: str, windows: np.ndarray, probe_name: str, probe:
     for k, (group, modules) in enumerate(groups.items()):
         with quantized(modules, probe):
             variant = logprobs()
-        kl = float((ref_p * (reference - variant)).sum(-1).mean())
+        kl = max(0.0, float((ref_p * (reference - variant)).sum(-1).mean()))  # >= 0 but for float64 rounding
         top1 = float((variant.argmax(-1) == ref_top1).float().mean())
         params = sum(m.weight.numel() for _, m in modules)
         results.append(GroupDamage(group, kl, top1, params))
@@ -210,7 +207,7 @@ def measure_activations(model, calibration: np.ndarray, windows: np.ndarray, bit
     def run(ids: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         with torch.inference_mode():
-            return torch.cat([torch.log_softmax(model(input_ids=t[i:i + batch], use_cache=False).logits.float(), -1)
+            return torch.cat([torch.log_softmax(model(input_ids=t[i:i + batch], use_cache=False).logits.double(), -1)
                               for i in range(0, len(t), batch)])
 
     def fq(x, lo: float, hi: float):
@@ -243,7 +240,7 @@ def measure_activations(model, calibration: np.ndarray, windows: np.ndarray, bit
         for h in hooks:
             h.remove()
         widest = max(hi - lo for lo, hi in ranges.values())
-        out[site] = {"kl": float((reference.exp() * (reference - variant)).sum(-1).mean()),
+        out[site] = {"kl": max(0.0, float((reference.exp() * (reference - variant)).sum(-1).mean())),
                      "top1_agreement": float((variant.argmax(-1) == reference.argmax(-1)).float().mean()),
                      "widest_range": widest, "step_at_widest": widest / (2 ** bits - 1)}
     return out
@@ -262,11 +259,14 @@ def plot_rows(sensitivity: Sensitivity) -> list[dict]:
             for g in sensitivity.groups]
 
 
-def kept_groups(mixed: MixedConfig | None, model: str) -> list[str]:
-    """The layer groups a mixed recipe keeps at higher precision: the `keep` most damaging under its probe."""
+def kept_groups(mixed: MixedConfig | None, model: str, available: Iterable[str]) -> list[str]:
+    """The layer groups a mixed recipe keeps at higher precision: the `keep` most damaging under its probe among
+    those the recipe quantizes (`available`: e.g. no embedding for MatMul-only recipes)."""
     if mixed is None or mixed.keep == 0:
         return []
-    return Sensitivity.read(sensitivity_path(mixed.probe), model).most_sensitive(mixed.keep)
+    ranked = Sensitivity.read(sensitivity_path(mixed.probe), model).ranked()
+    available = set(available)
+    return [g.group for g in ranked if g.group in available][:mixed.keep]
 
 
 def mixed_metrics(mixed: MixedConfig | None, groups: list[str], nodes: list[str]) -> dict:

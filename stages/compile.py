@@ -48,8 +48,9 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
                    for w in corpus.windows(tokenizer, splits["calib"], seq_len, cc.calib_samples, "calibration")]
     held_out = corpus.windows(tokenizer, splits["eval"], seq_len, cc.verify_samples, "evaluation")
 
-    groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name)
-    keep = quantization.weight_nodes(src, groups, ("MatMul",))
+    nodes = quantization.weight_groups(src, ("MatMul",))  # the embedding table is quantized as an activation
+    groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name, nodes)
+    keep = [n for g in groups for n in nodes[g]]
     qdq_out = artifacts.qdq_path(cfg.model.name, precision, seq_len)
     ctx_out = artifacts.ctx_path(cfg.model.name, precision, seq_len)
     with artifacts.staged_files(ctx_out.parent) as tmp:

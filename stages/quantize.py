@@ -33,9 +33,10 @@ def run(cfg: Config, precision: str) -> dict:
     recipe = recipes[precision]
     src, out = artifacts.onnx_path(cfg.model.name), artifacts.onnx_path(cfg.model.name, precision)
     onnx_models.check_model(src)
-    groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name)
-    keep = quantization.weight_nodes(src, groups, ("MatMul",) if recipe.method == "matmul-nbits" else ("MatMul",
-                                                                                                        "Gather"))
+    # MatMulNBits quantizes MatMuls only; quantize_dynamic also the embedding Gather.
+    nodes = quantization.weight_groups(src, ("MatMul",) if recipe.method == "matmul-nbits" else ("MatMul", "Gather"))
+    groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name, nodes)
+    keep = [n for g in groups for n in nodes[g]]
     start = time.perf_counter()
     log.info("quantizing %s -> %s (%s)%s", src, out, recipe.method,
              f", keeping {len(keep)} nodes of {', '.join(groups)} as {recipe.mixed.keep_as}" if keep else "")

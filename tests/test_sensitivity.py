@@ -121,8 +121,8 @@ def test_mixed_probe_must_exist(project):
 
 
 def test_kept_groups_without_mixing_is_empty():
-    assert sensitivity.kept_groups(None, "m") == []
-    assert sensitivity.kept_groups(MixedConfig(probe="p", keep=0), "m") == []
+    assert sensitivity.kept_groups(None, "m", ["lm_head"]) == []
+    assert sensitivity.kept_groups(MixedConfig(probe="p", keep=0), "m", ["lm_head"]) == []
     with pytest.raises(AntinetError, match="power of 2"):
         MixedConfig(probe="p", keep=1, keep_as="8bit", block_size=24).check(("8bit",))
     with pytest.raises(AntinetError, match="weight_granularity"):
