@@ -160,23 +160,24 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict], keep
 
 def residual_nodes(src: Path) -> list[str]:
     """The residual stream of a decoder graph: the Adds that carry it from the embedding to the final norm, and every
-    node that reads it (the RMSNorms). Found by structure: from the embedding Gather's output, an Add with a
-    residual input produces the next residual tensor.
+    node that reads their sums (the RMSNorms). Found by structure: from the embedding Gather's output, an Add with
+    a residual input produces the next residual tensor. The embedding output itself (small, before any layer adds
+    a massive activation) stays quantized: a float first RMSNorm behind it failed to finalize on HTP for the builtin
+    Qwen2 (QNN_COMMON_ERROR_MEM_ALLOC).
 
     Real LLMs carry "massive activations" there (SmolLM2-135M: one channel near 25600 from layer 11 on); one
     16-bit scale over that range is a step of 0.4, which erases the ordinary values (~1) of every other channel.
     """
     model = onnx.load(src, load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
-    stream = {n.output[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights}
+    embedded = {n.output[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights}
+    stream: set[str] = set()
     adds, readers = [], []
     for node in model.graph.node:  # ONNX nodes are stored in topological order
-        if not stream.intersection(node.input):
-            continue
-        if node.op_type == "Add":
+        if node.op_type == "Add" and (stream | embedded).intersection(node.input):
             adds.append(node.name)
             stream.add(node.output[0])
-        elif node.op_type != "MatMul":
+        elif stream.intersection(node.input) and node.op_type != "MatMul":
             readers.append(node.name)
     return adds + readers
 
