@@ -13,14 +13,14 @@ from antinet_npu.onnx_models import save
 from conftest import TEST_OVERRIDES, clone_project, error_line, reproduce, run_cli
 
 pytestmark = pytest.mark.slow
-PRECISIONS = ["fp16", "int8-dynamic", "int8-block", "int4-block"]
+PRECISIONS = ["fp16", "int8-dynamic", "int8-block", "int8-mixed", "int4-block"]
 
 
 def _metrics(project, kind, precision):
     return json.loads((project / "metrics" / kind / f"{precision}.json").read_text())
 
 
-def test_repro_builds_four_variants_and_five_evaluations(pipeline):
+def test_repro_builds_five_variants_and_six_evaluations(pipeline):
     assert {f"quantize@{p}" for p in PRECISIONS} | {f"evaluate@{p}" for p in ["fp32", *PRECISIONS]} <= \
         set(pipeline.first_run)
     for p in PRECISIONS:
@@ -92,7 +92,7 @@ def test_params_change_reruns_only_that_variant(pipeline, tmp_path):
 
 def test_unknown_precision(pipeline):
     line = error_line(run_cli(pipeline.path, "quantize", "--precision", "int3"), "quantize")
-    assert "unknown precision 'int3': valid ones are fp16, int8-dynamic, int8-block, int4-block" in line
+    assert "unknown precision 'int3': valid ones are fp16, int8-dynamic, int8-block, int8-mixed, int4-block" in line
     line = error_line(run_cli(pipeline.path, "quantize", "--precision", "fp16", "quantize.precisions=[fp8]"),
                        "quantize")
     assert "unknown precision 'fp8'" in line
