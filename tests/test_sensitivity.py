@@ -80,7 +80,9 @@ def test_mixed_recipes_keep_the_top_ranked_groups(pipeline):
     q = _metrics(pipeline.path, "quantize/int8-mixed")
     kept = q["kept_groups"].split(",")
     assert q["mixed_probe"] == "int8-block" and q["mixed_keep_as"] == "float" and q["kept_nodes"] >= len(kept)
-    assert sorted(ranking[g]["rank"] for g in kept) == list(range(1, len(kept) + 1))
+    # the top of the ranking among the groups MatMulNBits quantizes (not the embedding's Gather)
+    candidates = sorted((g["rank"], name) for name, g in ranking.items() if name != "embedding")
+    assert kept == [name for _, name in candidates[:len(kept)]]
     m = _metrics(pipeline.path, "evaluate/int8-mixed")
     assert m["gate_passed"] and m["samples"] == 8 and "ppl_increase_ci_high" in m
     c = _metrics(pipeline.path, "compile/w8a16-mixed-32")
