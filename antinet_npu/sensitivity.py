@@ -7,7 +7,7 @@ For each group alone the probe fake-quantizes that group, runs calibration windo
 the float model (KL, top-1 agreement); everything else stays float. Weight-only fake quantization on the CPU was a
 trustworthy proxy of the NPU's weight error on SmolLM2 (see NOTES), unlike running QDQ models on the CPU EP.
 
-Mixed recipes read the ranking (`most_sensitive`) and keep the top groups at a higher precision.
+Mixed recipes read the ranking (`kept_groups`) and keep the top groups at a higher precision.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from antinet_npu.config import MixedConfig, ProbeConfig
 
 _LAYER = re.compile(r"layers[./](\d+)[./](self_attn|mlp)[./](\w+?)_proj\b")
 _KIND = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp_in", "up": "mlp_in", "down": "mlp_out"}
-GROUP_KINDS = ("attn", "mlp_in", "mlp_out")
 
 
 def group_of(name: str) -> str | None:
@@ -154,31 +153,35 @@ def quantized(modules: list[tuple[str, object]], probe: ProbeConfig) -> Iterator
 def measure(model, model_name: str, windows: np.ndarray, probe_name: str, probe: ProbeConfig, batch: int = 4,
             progress=None) -> Sensitivity:
     """Each group's damage under `probe`, alone, on `windows` (N, S) of token ids."""
-    import torch
-
-    ids = torch.from_numpy(np.asarray(windows, dtype=np.int64))
-
-    def logprobs() -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.cat([torch.log_softmax(model(input_ids=ids[i:i + batch], use_cache=False).logits.double(), -1)
-                              for i in range(0, len(ids), batch)])
-
-    reference = logprobs()
-    ref_top1 = reference.argmax(-1)
-    ref_p = reference.exp()
+    reference = _logprobs(model, windows, batch)
     groups = modules_by_group(model)
     results = []
     for k, (group, modules) in enumerate(groups.items()):
         with quantized(modules, probe):
-            variant = logprobs()
-        kl = max(0.0, float((ref_p * (reference - variant)).sum(-1).mean()))  # >= 0 but for float64 rounding
-        top1 = float((variant.argmax(-1) == ref_top1).float().mean())
+            variant = _logprobs(model, windows, batch)
+        kl, top1 = _damage(reference, variant)
         params = sum(m.weight.numel() for _, m in modules)
         results.append(GroupDamage(group, kl, top1, params))
         del variant
         if progress:
             progress(k + 1, len(groups), group, kl)
     return Sensitivity(model_name, probe_name, tuple(results))
+
+
+def _logprobs(model, windows: np.ndarray, batch: int):
+    """float64 log-probabilities of the model on `windows` (N, S), `batch` windows per forward pass."""
+    import torch
+
+    ids = torch.from_numpy(np.asarray(windows, dtype=np.int64))
+    with torch.inference_mode():
+        return torch.cat([torch.log_softmax(model(input_ids=ids[i:i + batch], use_cache=False).logits.double(), -1)
+                          for i in range(0, len(ids), batch)])
+
+
+def _damage(reference, variant) -> tuple[float, float]:
+    """(mean KL(reference || variant), top-1 agreement) of two log-probability tensors."""
+    kl = max(0.0, float((reference.exp() * (reference - variant)).sum(-1).mean()))  # >= 0 but for rounding
+    return kl, float((variant.argmax(-1) == reference.argmax(-1)).float().mean())
 
 
 ACTIVATION_SITES = ("residual", "norm_out", "linear_in", "linear_out")
@@ -204,18 +207,12 @@ def measure_activations(model, calibration: np.ndarray, windows: np.ndarray, bit
     def first(x):
         return x[0] if isinstance(x, tuple) else x
 
-    def run(ids: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        with torch.inference_mode():
-            return torch.cat([torch.log_softmax(model(input_ids=t[i:i + batch], use_cache=False).logits.double(), -1)
-                              for i in range(0, len(t), batch)])
-
     def fq(x, lo: float, hi: float):
         scale = max((hi - lo) / (2 ** bits - 1), 1e-12)
         zero = round(-lo / scale)
         return (torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
 
-    reference = run(windows)
+    reference = _logprobs(model, windows, batch)
     out = {}
     for site, (where, modules) in _sites(model).items():
         ranges: dict[int, tuple[float, float]] = {}
@@ -226,7 +223,7 @@ def measure_activations(model, calibration: np.ndarray, windows: np.ndarray, bit
 
         hooks = [m.register_forward_pre_hook(lambda _m, a, k=k: observe(k, a[0])) if where == "in" else
                  m.register_forward_hook(lambda _m, _a, o, k=k: observe(k, first(o))) for k, m in enumerate(modules)]
-        run(calibration)
+        _logprobs(model, calibration, batch)
         for h in hooks:
             h.remove()
 
@@ -236,13 +233,13 @@ def measure_activations(model, calibration: np.ndarray, windows: np.ndarray, bit
         hooks = [m.register_forward_pre_hook(lambda _m, a, r=ranges[k]: (fq(a[0], *r), *a[1:])) if where == "in"
                  else m.register_forward_hook(lambda _m, _a, o, r=ranges[k]: quant_out(o, *r))
                  for k, m in enumerate(modules)]
-        variant = run(windows)
+        variant = _logprobs(model, windows, batch)
         for h in hooks:
             h.remove()
+        kl, top1 = _damage(reference, variant)
         widest = max(hi - lo for lo, hi in ranges.values())
-        out[site] = {"kl": max(0.0, float((reference.exp() * (reference - variant)).sum(-1).mean())),
-                     "top1_agreement": float((variant.argmax(-1) == reference.argmax(-1)).float().mean()),
-                     "widest_range": widest, "step_at_widest": widest / (2 ** bits - 1)}
+        out[site] = {"kl": kl, "top1_agreement": top1, "widest_range": widest,
+                     "step_at_widest": widest / (2 ** bits - 1)}
     return out
 
 
@@ -252,11 +249,6 @@ def to_metrics(sensitivity: Sensitivity) -> dict:
             "max_kl": ranked[0].kl if ranked else None, "most_sensitive": ranked[0].group if ranked else None,
             "groups": {g.group: {"kl": g.kl, "top1_agreement": g.top1_agreement, "params": g.params,
                                  "rank": ranked.index(g) + 1} for g in sensitivity.groups}}
-
-
-def plot_rows(sensitivity: Sensitivity) -> list[dict]:
-    return [{"probe": sensitivity.probe, "group": g.group, "kl": g.kl, "top1_agreement": g.top1_agreement}
-            for g in sensitivity.groups]
 
 
 def kept_groups(mixed: MixedConfig | None, model: str, available: Iterable[str]) -> list[str]:
