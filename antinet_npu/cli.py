@@ -31,6 +31,11 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                  ("--seq-len", dict(required=True, type=int, help="static sequence length, e.g. 128"))]),
     "bench": ("latency of one forward pass on one backend -> metrics/bench/<run>.json",
               [("--run", dict(required=True, help="a key of bench.runs, e.g. ort-cpu-int8-block-128"))]),
+    "export-genai": ("PyTorch snapshot -> models/genai/<model>-<precision>/ by onnxruntime-genai's model builder "
+                     "(the CPU generation peer)",
+                     [("--precision", dict(required=True, help="int4, int8, fp16 or fp32"))]),
+    "bench-gen": ("prefill + decode: time to first token and decode tokens/s -> metrics/bench-gen/<run>.json",
+                  [("--run", dict(required=True, help="a key of bench.generation.runs, e.g. ort-cpu-int8-block"))]),
     "report": ("reports/summary.md, reports/benchmark.json (the seed's schema) and plot data from the metrics", []),
 }
 

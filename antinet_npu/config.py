@@ -110,17 +110,20 @@ class TextConfig:
 @dataclass
 class ExportConfig:
     opset: int = field(default=17, metadata=_help("ONNX opset (14-21)"))
-    exporter: str = field(default="torchscript", metadata=_help("torchscript (dynamo=False) or dynamo"))
     validate_batches: int = field(default=3, metadata=_help("sample batches compared with PyTorch"))
     validate_seq_len: int = 64
+    validate_prompts: int = field(default=3, metadata=_help("held-out prompts whose greedy generation must equal "
+                                                            "PyTorch generate() token for token"))
+    validate_prompt_len: int = 16
+    validate_new_tokens: int = 32
     max_abs_diff: float = field(default=1e-3, metadata=_help("fail the export above this logits difference"))
 
     def check(self) -> None:
         _require(14 <= self.opset <= 21, f"export.opset must be between 14 and 21, got {self.opset}")
-        _require(self.exporter in ("torchscript", "dynamo"),
-                 f"export.exporter must be torchscript or dynamo, got {self.exporter!r}")
         _require(self.validate_batches > 0 and self.validate_seq_len > 1,
                  "export.validate_batches must be > 0 and export.validate_seq_len > 1")
+        _require(self.validate_prompts >= 0 and self.validate_prompt_len > 0 and self.validate_new_tokens > 0,
+                 "export.validate_prompts must be >= 0, validate_prompt_len and validate_new_tokens > 0")
         _require(self.max_abs_diff > 0, "export.max_abs_diff must be positive")
 
 
@@ -301,12 +304,20 @@ class EvaluateConfig:
     num_samples: int = field(default=16, metadata=_help("held-out windows of seq_len tokens"))
     seq_len: int = 128
     threads: int = field(default=0, metadata=_help("onnxruntime intra-op threads (0: all cores)"))
+    gen_prompts: int = field(default=4, metadata=_help("held-out prompts continued greedily by FP32 and the "
+                                                       "variant (generation agreement; 0: skip)"))
+    prompt_len: int = 32
+    gen_tokens: int = field(default=32, metadata=_help("new tokens per prompt"))
     mode: str = field(default="fail", metadata=_help("fail: a variant under its gate fails the stage; warn: logs"))
     gates: dict[str, GateConfig] = field(default_factory=dict,
                                          metadata=_help("precision -> gate; 'default' for the others"))
 
     def check(self) -> None:
-        _require(self.num_samples > 0 and self.seq_len > 1, "evaluate.num_samples must be > 0 and seq_len > 1")
+        _require(self.num_samples > 0 and self.seq_len > 1,
+                 f"evaluate.num_samples must be > 0 and seq_len > 1, got {self.num_samples} and {self.seq_len}")
+        _require(self.gen_prompts >= 0 and self.prompt_len > 0 and self.gen_tokens > 0,
+                 f"evaluate.gen_prompts must be >= 0, prompt_len and gen_tokens > 0, got {self.gen_prompts}, "
+                 f"{self.prompt_len}, {self.gen_tokens}")
         _require(self.mode in GATE_MODES, f"evaluate.mode must be one of {', '.join(GATE_MODES)}")
         _require(REFERENCE in self.variants, "evaluate.variants must include fp32 (the reference)")
         _check_gates(self.gates, "evaluate")
@@ -412,7 +423,8 @@ class CompileConfig:
         return self.gate(precision).mode or self.mode
 
 
-BACKENDS = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder")
+BACKENDS = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder", "ort-genai")
+GENAI_PRECISIONS = ("int4", "int8", "fp16", "fp32")
 
 
 @dataclass
@@ -427,8 +439,54 @@ class BenchRunConfig:
 
 
 @dataclass
+class GenRunConfig:
+    """One generation benchmark: a backend generating from one artifact (key: <backend>-<precision>[-nocache])."""
+
+    backend: str = field(default=MISSING, metadata=_help("ort-cpu | torch | ort-genai"))
+    precision: str = field(default=MISSING)
+    model: str = field(default=MISSING, metadata=_help("artifact under models/ that the backend loads"))
+    weights: str = field(default=MISSING, metadata=_help("its weights under models/ (so DVC sees changes)"))
+    cache: bool = field(default=True, metadata=_help("false: no KV cache, the whole prefix re-run for every new "
+                                                     "token (the baseline a single-pass graph allows)"))
+    new_tokens: Optional[int] = field(default=None, metadata=_help("tokens per prompt for this run (null: "
+                                                                   "bench.generation.new_tokens)"))
+
+
+@dataclass
+class GenerationBenchConfig:
+    """Prefill + decode: time to first token and decode tokens/s, per run and prompt length."""
+
+    runs: dict[str, GenRunConfig] = field(default_factory=dict, metadata=_help("the bench-gen matrix"))
+    prompt_lens: list[int] = field(default_factory=lambda: [32, 128], metadata=_help("prompt tokens P"))
+    new_tokens: int = field(default=64, metadata=_help("tokens generated per prompt G (greedy, EOS ignored)"))
+    warmup: int = field(default=1, metadata=_help("untimed generations per prompt length"))
+    iterations: int = field(default=3, metadata=_help("timed generations per prompt length"))
+    genai_precisions: list[str] = field(default_factory=lambda: ["int4", "int8", "fp32"],
+                                        metadata=_help("onnxruntime-genai models built (export-genai) for the peer"))
+
+    def check(self) -> None:
+        _require(bool(self.prompt_lens) and all(p > 0 for p in self.prompt_lens) and self.new_tokens > 1,
+                 f"bench.generation.prompt_lens must be positive and new_tokens > 1, got {self.prompt_lens} and "
+                 f"{self.new_tokens}")
+        _require(self.warmup >= 0 and self.iterations > 0,
+                 f"bench.generation.warmup must be >= 0 and iterations > 0, got {self.warmup} and {self.iterations}")
+        for p in self.genai_precisions:
+            _require(p in GENAI_PRECISIONS, f"bench.generation.genai_precisions: {p!r} is not one of "
+                     f"{', '.join(GENAI_PRECISIONS)}")
+        for key, run in self.runs.items():
+            _require(run.backend in ("ort-cpu", "torch", "ort-genai"),
+                     f"bench.generation.runs.{key}: backend {run.backend!r} cannot generate: use ort-cpu, torch or "
+                     "ort-genai (NPU generation graphs are not built yet)")
+            _require(run.new_tokens is None or run.new_tokens > 1,
+                     f"bench.generation.runs.{key}.new_tokens must be > 1 or null, got {run.new_tokens}")
+            expected = f"{run.backend}-{run.precision}" + ("" if run.cache else "-nocache")
+            _require(key == expected, f"bench.generation.runs.{key} must be named {expected}")
+
+
+@dataclass
 class BenchConfig:
     runs: dict[str, BenchRunConfig] = field(default_factory=dict, metadata=_help("the bench matrix"))
+    generation: GenerationBenchConfig = field(default_factory=GenerationBenchConfig)
     warmup: int = field(default=3, metadata=_help("untimed runs after loading (the seed warms up 3 times)"))
     iterations: int = field(default=10, metadata=_help("timed runs"))
     threads: int = field(default=0, metadata=_help("CPU intra-op threads for torch / ort-cpu (0: all cores)"))
@@ -447,9 +505,11 @@ class BenchConfig:
                  f"{', '.join(HTP_PERF_MODES)}")
         for name in self.fallback:
             _require(name in BACKENDS, f"unknown backend {name!r} in bench.fallback: choose from {', '.join(BACKENDS)}")
+        self.generation.check()
         for key, run in self.runs.items():
-            _require(run.backend in BACKENDS,
-                     f"bench.runs.{key}: unknown backend {run.backend!r}: choose one of {', '.join(BACKENDS)}")
+            _require(run.backend in BACKENDS and run.backend != "ort-genai",
+                     f"bench.runs.{key}: unknown backend {run.backend!r}: choose one of "
+                     f"{', '.join(b for b in BACKENDS if b != 'ort-genai')}")
             _require(key == f"{run.backend}-{run.precision}-{run.seq_len}",
                      f"bench.runs.{key} must be named {run.backend}-{run.precision}-{run.seq_len}")
 

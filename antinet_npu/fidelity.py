@@ -97,6 +97,20 @@ class FidelityMeter:
                 "top1_ci_low": float(t_lo), "top1_ci_high": float(t_hi)}
 
 
+def generation_agreement(reference: list[list[int]], variant: list[list[int]]) -> dict[str, float]:
+    """Greedy continuations of the same prompts: the share of positions where the variant's token equals FP32's,
+    and the mean position of the first difference (the continuation length when there is none)."""
+    if not reference:
+        return {}
+    equal = total = 0
+    firsts = []
+    for ref, got in zip(reference, variant):
+        same = [a == b for a, b in zip(ref, got)] + [False] * abs(len(ref) - len(got))
+        equal, total = equal + sum(same), total + len(same)
+        firsts.append(same.index(False) if False in same else len(same))
+    return {"gen_agreement": equal / max(total, 1), "gen_first_divergence": float(np.mean(firsts))}
+
+
 def interval_text(metrics: dict) -> str:
     """', 95 % CI -0.10..+0.90 %' for a log line, when the bootstrap interval is known."""
     if "ppl_increase_ci_low" not in metrics:

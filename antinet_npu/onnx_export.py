@@ -12,52 +12,74 @@ import onnx
 import torch
 
 from antinet_npu.artifacts import MODELS
-from antinet_npu.onnx_models import OUTPUT, STATIC_INPUTS, consolidate, static_feeds
+from antinet_npu.onnx_models import consolidate
+from antinet_npu.signature import ADDITIVE_MASK, PADDING_MASK, KvLayout, Signature
 
 log = logging.getLogger(__name__)
-INPUTS = ("input_ids", "attention_mask")
 
 
-class CausalLMLogits(torch.nn.Module):
-    """(input_ids, attention_mask) -> logits of every position; no KV cache, as the seed's graph."""
+def kv_layout(config) -> KvLayout:
+    """The KV cache of a transformers decoder config (Qwen2/Llama family)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return KvLayout(num_layers=config.num_hidden_layers,
+                    kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                    head_dim=head_dim)
 
-    def __init__(self, model: torch.nn.Module):
+
+class CausalLMWithCache(torch.nn.Module):
+    """(input_ids, attention_mask, position_ids, past keys/values...) -> (logits, present keys/values...).
+
+    One graph for both uses: with an empty past (length 0) it is one forward pass over the whole input (the seed's
+    single-pass benchmark, the fidelity windows); with a past it continues a generation.
+    """
+
+    def __init__(self, model: torch.nn.Module, layout: KvLayout):
         super().__init__()
-        self.model = model
+        self.model, self.layout = model, layout  # attribute `model`: node names stay /model/model/layers.N/...
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layout.num_layers)],
+                             config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
 
 
-def export_dynamic(model: torch.nn.Module, out: Path, opset: int, exporter: str = "torchscript") -> None:
-    """Export with dynamic batch and sequence axes to `out` (+ `out.data`)."""
-    sample_ids = torch.ones((2, 8), dtype=torch.int64)
-    sample_mask = torch.ones((2, 8), dtype=torch.int64)
-    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUTS, OUTPUT)}
+def export_dynamic(model: torch.nn.Module, out: Path, opset: int, context_length: int) -> Signature:
+    """Export the KV-cache graph (dynamic batch, sequence and past axes) to `out` (+ `out.data`)."""
+    layout = kv_layout(model.config)
+    signature = Signature(inputs=("input_ids", "attention_mask", "position_ids", *layout.past_names()),
+                          outputs=("logits", *layout.present_names()), mask=PADDING_MASK,
+                          context_length=context_length, kv=layout)
+    # Traced with a non-empty past and a new length different from it, so that no axis is mistaken for a constant
+    batch, past_len, new = 2, 3, 5
+    sample = (torch.ones((batch, new), dtype=torch.int64), torch.ones((batch, past_len + new), dtype=torch.int64),
+              torch.arange(past_len, past_len + new).repeat(batch, 1),
+              *(torch.zeros((batch, layout.kv_heads, past_len, layout.head_dim)) for _ in layout.past_names()))
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
+            **{n: {0: "batch", 2: "past_sequence"} for n in layout.past_names()},
+            **{n: {0: "batch", 2: "total_sequence"} for n in layout.present_names()}}
     MODELS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=MODELS, prefix=".export-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow in transformers
         raw = Path(tmp) / "raw.onnx"
-        kwargs = dict(input_names=list(INPUTS), output_names=[OUTPUT], opset_version=opset)
         with torch.no_grad():
-            if exporter == "dynamo":
-                batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-                shapes = {name: {0: batch, 1: seq} for name in INPUTS}
-                torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), str(raw), dynamo=True,
-                                  dynamic_shapes={"input_ids": shapes["input_ids"],
-                                                  "attention_mask": shapes["attention_mask"]},
-                                  external_data=True, **kwargs)
-            else:
-                torch.onnx.export(CausalLMLogits(model), (sample_ids, sample_mask), str(raw), dynamo=False,
-                                  dynamic_axes=dynamic_axes, **kwargs)
+            torch.onnx.export(CausalLMWithCache(model, layout), sample, str(raw), dynamo=False,
+                              input_names=list(signature.inputs), output_names=list(signature.outputs),
+                              dynamic_axes=axes, opset_version=opset)
         consolidate(raw, out)
+    return signature
 
 
 class StaticCausalLM(torch.nn.Module):
     """(input_ids, additive float mask (1, 1, S, S), position_ids) -> logits: the NPU-friendly form.
 
     The HTP backend needs static shapes and rejects the Where-based mask transformers builds from an int64
-    attention_mask, so the mask is an input, computed once on the host (`causal_mask`).
+    attention_mask, so the mask is an input, computed once on the host (`signature.causal_mask`).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -111,7 +133,7 @@ def fuse_rmsnorm(model: torch.nn.Module) -> int:
 
 
 def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, mask_value: float,
-                  rmsnorm: str = "decomposed") -> None:
+                  rmsnorm: str = "decomposed") -> Signature:
     """Static-shape export for the NPU: batch 1, `seq_len` tokens, eager attention, TorchScript exporter.
 
     rmsnorm="fused" exports each RMSNorm as one SimplifiedLayerNormalization node (see `_RMSNormOp`); this changes
@@ -119,17 +141,21 @@ def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, m
     """
     if rmsnorm == "fused":
         log.info("RMSNorm as SimplifiedLayerNormalization: %d modules", fuse_rmsnorm(model))
-    feeds = {k: torch.from_numpy(v) for k, v in static_feeds(np.zeros((1, seq_len), np.int64), mask_value).items()}
+    signature = Signature(inputs=("input_ids", "attention_mask", "position_ids"), outputs=("logits",),
+                          mask=ADDITIVE_MASK, context_length=seq_len, seq_len=seq_len, mask_value=mask_value)
+    feeds = {k: torch.from_numpy(v) for k, v in signature.static_feeds(np.zeros((1, seq_len), np.int64)).items()}
     MODELS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=MODELS, prefix=".export-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():
-            torch.onnx.export(StaticCausalLM(model), tuple(feeds[k] for k in STATIC_INPUTS), str(raw), dynamo=False,
-                              input_names=list(STATIC_INPUTS), output_names=[OUTPUT], opset_version=opset,
+            torch.onnx.export(StaticCausalLM(model), tuple(feeds.values()), str(raw), dynamo=False,
+                              input_names=list(signature.inputs), output_names=list(signature.outputs),
+                              opset_version=opset,
                               custom_opsets={_PRIVATE_DOMAIN: 1})
         _to_qdq_opset(raw, Path(tmp) / "converted.onnx")
         consolidate(Path(tmp) / "converted.onnx", out)
+    return signature
 
 
 def _to_qdq_opset(src: Path, dst: Path) -> None:

@@ -13,23 +13,10 @@ import onnx
 
 from antinet_npu import AntinetError
 from antinet_npu.artifacts import external_data
+from antinet_npu.signature import Signature
 
 # onnxruntime ops outside the ONNX standard but registered in its default domain (the checker does not know them)
 ORT_DEFAULT_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
-STATIC_INPUTS = ("input_ids", "attention_mask", "position_ids")
-OUTPUT = "logits"
-
-
-def causal_mask(seq_len: int, mask_value: float) -> np.ndarray:
-    """Additive causal mask (1, 1, S, S): 0 on and below the diagonal, `mask_value` above."""
-    return np.triu(np.full((seq_len, seq_len), mask_value, dtype=np.float32), 1)[None, None]
-
-
-def static_feeds(input_ids: np.ndarray, mask_value: float) -> dict[str, np.ndarray]:
-    """Inputs of a static graph for one (1, S) window."""
-    seq = input_ids.shape[-1]
-    return {"input_ids": input_ids.reshape(1, seq).astype(np.int64), "attention_mask": causal_mask(seq, mask_value),
-            "position_ids": np.arange(seq, dtype=np.int64)[None]}
 
 
 def save(model: onnx.ModelProto, out: Path) -> None:
@@ -107,15 +94,13 @@ def cpu_session(path: Path, threads: int = 0, optimization: str = "all"):
                            "and re-run `dvc repro`") from None
 
 
-def static_seq_len(session) -> int | None:
-    """The fixed sequence length of a static graph's input_ids, or None when dynamic."""
-    dim = next(i for i in session.get_inputs() if i.name == "input_ids").shape[-1]
-    return dim if isinstance(dim, int) else None
-
-
-def run_logits(session, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-    feeds = {"input_ids": input_ids.astype(np.int64)}
-    if "attention_mask" in {i.name for i in session.get_inputs()}:
-        feeds["attention_mask"] = (np.ones_like(input_ids) if attention_mask is None else attention_mask).astype(
-            np.int64)
-    return session.run([OUTPUT], feeds)[0].astype(np.float32)
+def run_logits(session, signature: Signature, input_ids: np.ndarray,
+               attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """One forward pass over (batch, S) ids (empty KV cache when the graph has one) -> float32 logits."""
+    mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
+    feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+    if "position_ids" in signature.inputs:  # as transformers numbers a left-padded row: from its first real token
+        feeds["position_ids"] = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
+    if signature.kv is not None:
+        feeds.update(signature.kv.empty(input_ids.shape[0]))
+    return session.run(["logits"], feeds)[0].astype(np.float32)

@@ -113,7 +113,7 @@ def speedups(sources: list[Source]) -> dict[str, dict]:
 
 
 STAGE_METRICS = ("prepare.json", "export.json", "sensitivity/*.json", "quantize/*.json", "evaluate/*.json",
-                 "export-npu/*.json", "compile/*.json", "bench/*.json")
+                 "export-npu/*.json", "compile/*.json", "bench/*.json", "export-genai/*.json", "bench-gen/*.json")
 
 
 def resource_lines(model: str, root: Path = METRICS) -> list[str]:
@@ -178,6 +178,55 @@ def sensitivity_rows(model: str, root: Path = METRICS) -> list[dict]:
             for name, g in sorted(m["groups"].items())]
 
 
+def _generation_runs(model: str, root: Path) -> list[tuple[str, dict, int, dict]]:
+    """(run, metrics, prompt length, figures at that length) of every bench-gen run of `model`, by run then P."""
+    out = []
+    for run, m in read_metrics(root / "bench-gen").items():
+        if m.get("model") != model:
+            continue
+        for key, figures in m.items():
+            if key.startswith("p") and key[1:].isdigit() and isinstance(figures, dict):
+                out.append((run, m, int(key[1:]), figures))
+    return sorted(out, key=lambda r: (r[0], r[2]))
+
+
+def generation_lines(model: str, root: Path = METRICS) -> list[str]:
+    """Prefill + decode per run and prompt length, with the variant's greedy agreement with FP32; then how our
+    best KV-cache decode compares with the peer's and with re-running the prefix, in this run."""
+    runs = _generation_runs(model, root)
+    if not runs:
+        return []
+    evaluate, genai = read_metrics(root / "evaluate"), read_metrics(root / "export-genai")
+    lines = ["### Generation: prefill + decode (greedy, batch 1)", "",
+             "| run | backend | precision | KV cache | P | G | TTFT ms | decode tokens/s | p50 ms/token | "
+             "p90 ms/token | e2e ms | greedy = FP32 | peak RSS MB |", "|---" * 13 + "|"]
+    for run, m, p, f in runs:
+        fid = genai.get(m["precision"]) if m["backend"] == "ort-genai" else \
+            evaluate.get(m["precision"]) if m["backend"] == "ort-cpu" else None
+        agree = fid.get("gen_agreement") if fid and fid.get("model") == model else None
+        lines.append(f"| {run} | {m['backend']} | {m['precision']} | {'yes' if m.get('kv_cache') else 'no'} | {p} | "
+                     f"{f['new_tokens']} | {f['ttft_ms']:.1f} | {f['decode_tokens_per_s']:.1f} | "
+                     f"{f['p50_decode_ms_per_token']:.2f} | {f['p90_decode_ms_per_token']:.2f} | {f['e2e_ms']:.0f} | "
+                     f"{_fmt(agree, '.3f')} | {m['peak_rss_mb']:.0f} |")
+    lines += ["", "greedy = FP32: share of greedy tokens equal to our FP32 ONNX model's on held-out prompts "
+              "(evaluate; export-genai for the peer). Speeds compare only within one run on one machine.", ""]
+    longest = max(p for _, _, p, _ in runs)
+    tps = {run: f["decode_tokens_per_s"] for run, _, p, f in runs if p == longest}
+    ratios = [f"{ours} vs {other}: {tps[ours] / tps[other]:.2f}x" for ours, other in (
+        ("ort-cpu-int8-block", "ort-genai-int8"), ("ort-cpu-int4-block", "ort-genai-int4"),
+        ("ort-cpu-fp32", "ort-genai-fp32"), ("ort-cpu-int8-block", "ort-cpu-int8-block-nocache"))
+        if ours in tps and other in tps]
+    if ratios:
+        lines += [f"Decode tokens/s at P={longest}: " + "; ".join(ratios) + ".", ""]
+    return lines
+
+
+def generation_rows(model: str, root: Path = METRICS) -> list[dict]:
+    """Plot data: decode tokens/s and TTFT per run and prompt length."""
+    return [{"series": f"{run} P={p}", "run": run, "prompt_len": p, "decode_tokens_per_s": f["decode_tokens_per_s"],
+             "ttft_ms": f["ttft_ms"]} for run, _, p, f in _generation_runs(model, root)]
+
+
 def _fmt(value, spec: str, none: str = "–") -> str:
     return none if value is None else format(value, spec)
 
@@ -210,7 +259,7 @@ def summary_markdown(sources: list[Source], compare_at: int = 128) -> str:
                 f"{'**emulated**' if r['emulated'] else 'no'} | {fallback} |")
         lines += ["", "× torch, × ORT fp32: speedup over PyTorch eager FP32 and onnxruntime FP32 measured in the same "
                   "run at the same S (none for emulated timings).", "",
-                  *fidelity_lines(sources[0], model), *sensitivity_lines(model),
+                  *generation_lines(model), *fidelity_lines(sources[0], model), *sensitivity_lines(model),
                   *comparison(table, model, compare_at), "",
                   *resource_lines(model)]
     lines += environment(sources)

@@ -24,6 +24,7 @@ from antinet_npu import (
 )
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
+from antinet_npu.signature import Signature
 
 log = logging.getLogger("compile")
 
@@ -42,9 +43,10 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
     if not src.is_file():
         raise AntinetError(f"{src} not found: run `dvc repro export-npu@{seq_len}` first")
     onnx_models.check_model(src)
+    signature = Signature.read(src)  # QDQ and context graphs keep the static graph's inputs and outputs
     tokenizer = checkpoint.load_text_tokenizer(snapshot)
     splits = corpus.split_documents(cfg.text)
-    calibration = [onnx_models.static_feeds(w, cc.mask_value)
+    calibration = [signature.static_feeds(w)
                    for w in corpus.windows(tokenizer, splits["calib"], seq_len, cc.calib_samples, "calibration")]
     held_out = corpus.windows(tokenizer, splits["eval"], seq_len, cc.verify_samples, "evaluation")
 
@@ -61,6 +63,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
         model = quantization.qdq_static(src, recipe, calibration, keep)
         compute_nodes = sum(n.op_type not in qnn.BOUNDARY_OPS for n in model.graph.node)
         onnx_models.save(model, tmp / qdq_out.name)
+        signature.write(tmp / qdq_out.name)
         del model, calibration
         gc.collect()
         quantize_seconds = time.perf_counter() - start
@@ -72,6 +75,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
         compile_seconds = time.perf_counter() - start
         contexts, outside = qnn.nodes_outside_context(tmp / ctx_out.name)
         bins = qnn.context_binaries(tmp / ctx_out.name)
+        signature.write(tmp / ctx_out.name)
 
         start = time.perf_counter()
         log.info("verifying on the QNN HTP backend%s: %d held-out windows", " (emulator)" if qnn.emulated() else "",
@@ -80,7 +84,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
         reference = onnx_models.cpu_session(src)
         meter = fidelity.FidelityMeter()
         for ids in held_out:
-            feeds = onnx_models.static_feeds(ids, cc.mask_value)
+            feeds = signature.static_feeds(ids)
             meter.add(reference.run(None, feeds)[0], npu.run(None, feeds)[0], feeds["input_ids"])
         del npu, reference
         result = meter.result()

@@ -11,9 +11,12 @@ import gc
 import logging
 import time
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, onnx_models
+import numpy as np
+
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, generation, onnx_models
 from antinet_npu.config import REFERENCE, Config
 from antinet_npu.provenance import record
+from antinet_npu.signature import Signature
 
 log = logging.getLogger("evaluate")
 
@@ -33,13 +36,19 @@ def run(cfg: Config, precision: str) -> dict:
     if ev.seq_len > limit:
         raise AntinetError(f"evaluate.seq_len {ev.seq_len} exceeds the model's maximum positions ({limit}): "
                            "lower evaluate.seq_len")
-    windows = corpus.windows(tokenizer, corpus.split_documents(cfg.text)["eval"], ev.seq_len, ev.num_samples,
-                             "evaluation")
+    docs = corpus.split_documents(cfg.text)["eval"]
+    windows = corpus.windows(tokenizer, docs, ev.seq_len, ev.num_samples, "evaluation")
+    # Greedy continuations of held-out prompts: the windows' text read from its other end, so prompts differ
+    prompts = corpus.windows(tokenizer, docs[::-1], ev.prompt_len, ev.gen_prompts, "evaluation") \
+        if ev.gen_prompts else np.zeros((0, ev.prompt_len), np.int64)
+    ref_sig, var_sig = Signature.read(ref_path), Signature.read(var_path)
 
     start = time.perf_counter()
     # One session at a time: FP32 logits first, then the variant (two 1.5B sessions together pass 14 GB).
     reference = onnx_models.cpu_session(ref_path, ev.threads)
-    expected = [onnx_models.run_logits(reference, ids[None, :]) for ids in windows]
+    expected = [onnx_models.run_logits(reference, ref_sig, ids[None, :]) for ids in windows]
+    greedy = [list(generation.generate(generation.OrtKvStepper(reference, ref_sig), p, ev.gen_tokens))
+              for p in prompts]
     if var_path == ref_path:
         variant = reference  # fp32 against itself: the reference row (perplexity_fp32), one load
     else:
@@ -48,24 +57,28 @@ def run(cfg: Config, precision: str) -> dict:
         variant = onnx_models.cpu_session(var_path, ev.threads)
     meter = fidelity.FidelityMeter()
     for i, (ids, ref) in enumerate(zip(windows, expected)):
-        meter.add(ref, onnx_models.run_logits(variant, ids[None, :]), ids[None, :])
+        meter.add(ref, onnx_models.run_logits(variant, var_sig, ids[None, :]), ids[None, :])
         if (i + 1) % max(1, len(windows) // 4) == 0:
             log.info("%s: %d/%d windows", precision, i + 1, len(windows))
+    continuations = [list(generation.generate(generation.OrtKvStepper(variant, var_sig), p, ev.gen_tokens))
+                     for p in prompts]
     del variant, expected
     gc.collect()
-    result = meter.result()
+    result = {**meter.result(), **fidelity.generation_agreement(greedy, continuations)}
     gate = ev.gate(precision)
     violations = [] if precision == REFERENCE else fidelity.gate_violations(precision, result, gate)
     metrics = record(model=cfg.model.name, precision=precision, backend="ort-cpu", device="cpu", emulated=False,
-                     samples=len(windows), seq_len=ev.seq_len, **result,
+                     samples=len(windows), seq_len=ev.seq_len, gen_prompts=len(prompts),
+                     gen_tokens=ev.gen_tokens, **result,
                      size_mb=round(artifacts.onnx_size_mb(var_path), 3),
                      size_ratio=round(artifacts.onnx_size_mb(var_path) / artifacts.onnx_size_mb(ref_path), 4),
                      gate_passed=not violations, seconds=round(time.perf_counter() - start, 2))
     artifacts.write_metrics(artifacts.METRICS / "evaluate" / f"{precision}.json", metrics)
-    log.info("%s: top-1 %.4f, cosine %.5f, KL %.2e, perplexity %.2f (FP32 %.2f, %+.2f%%%s), %s", precision,
-             result["top1_agreement"], result["cosine"], result["kl"], result["perplexity"],
-             result["perplexity_fp32"], 100 * result["ppl_increase"], fidelity.interval_text(result),
-             "gate passed" if not violations else "GATE FAILED")
+    log.info("%s: top-1 %.4f, cosine %.5f, KL %.2e, perplexity %.2f (FP32 %.2f, %+.2f%%%s), greedy tokens equal "
+             "to FP32 %.3f (first divergence at %.1f of %d), %s", precision, result["top1_agreement"],
+             result["cosine"], result["kl"], result["perplexity"], result["perplexity_fp32"],
+             100 * result["ppl_increase"], fidelity.interval_text(result), result["gen_agreement"],
+             result["gen_first_divergence"], ev.gen_tokens, "gate passed" if not violations else "GATE FAILED")
     if violations:
         mode = ev.gate_mode(precision)
         message = "fidelity gate: " + "; ".join(violations) + f" (bounds in evaluate.gates; mode {mode})"

@@ -1,7 +1,9 @@
 """Stage `export`: `models/pytorch/<model>/` -> `models/onnx/<model>.onnx` (+ `.onnx.data`).
 
-Inputs `input_ids`, `attention_mask` -> `logits`, dynamic batch and sequence axes (as the seed's graph). The export is
-checked against PyTorch on held-out text, at two sequence lengths and with left padding, before it is kept.
+One graph with a KV cache (optimum's names: `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.*` ->
+`logits`, `present.{i}.*`; dynamic batch, sequence and past axes) serves both single passes (empty past) and
+generation; its signature is written beside it. Before it is kept it is checked against PyTorch on held-out text: one
+pass at two lengths and with left padding, and greedy generation token for token against `generate()`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, onnx_export, onnx_models
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, generation, onnx_export, onnx_models
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 
@@ -36,34 +38,69 @@ def validation_batches(cfg: Config, tokenizer, max_len: int) -> list[tuple[np.nd
     return batches
 
 
+def validation_prompts(cfg: Config, tokenizer, max_len: int) -> np.ndarray:
+    """Held-out prompts for the greedy-generation check (other text than the single-pass batches)."""
+    prompt_len = max(1, min(cfg.export.validate_prompt_len, max_len - cfg.export.validate_new_tokens))
+    docs = corpus.split_documents(cfg.text)["eval"]
+    ids = corpus.windows(tokenizer, docs, prompt_len, 2 * cfg.export.validate_batches + cfg.export.validate_prompts,
+                         "evaluation")
+    return ids[-cfg.export.validate_prompts:]
+
+
+def greedy_reference(model, prompts: np.ndarray, new_tokens: int) -> list[list[int]]:
+    """PyTorch `generate(do_sample=False)`: exactly `new_tokens` tokens per prompt (EOS does not stop it)."""
+    model.generation_config.eos_token_id = None  # a local copy of the model: the snapshot is not changed
+    out = []
+    for prompt in prompts:
+        ids = torch.from_numpy(prompt[None])
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
 def run(cfg: Config) -> dict:
     start = time.perf_counter()
     snapshot = artifacts.pytorch_dir(cfg.model.name)
     model = checkpoint.load_snapshot(snapshot)
-    batches = validation_batches(cfg, checkpoint.load_text_tokenizer(snapshot), checkpoint.max_positions(model.config))
+    tokenizer, context = checkpoint.load_text_tokenizer(snapshot), checkpoint.max_positions(model.config)
+    batches = validation_batches(cfg, tokenizer, context)
+    prompts = validation_prompts(cfg, tokenizer, context)
     with torch.no_grad():
-        expected = [model(input_ids=torch.from_numpy(i), attention_mask=torch.from_numpy(m), use_cache=False)
+        expected = [model(input_ids=torch.from_numpy(i), attention_mask=torch.from_numpy(m),
+                          position_ids=torch.from_numpy(np.clip(np.cumsum(m, -1) - 1, 0, None)), use_cache=False)
                     .logits.numpy() for i, m in batches]
+        greedy = greedy_reference(model, prompts, cfg.export.validate_new_tokens)
     out = artifacts.onnx_path(cfg.model.name)
-    log.info("exporting %s to ONNX (opset %d, %s exporter)", snapshot, cfg.export.opset, cfg.export.exporter)
+    log.info("exporting %s to ONNX with a KV cache (opset %d)", snapshot, cfg.export.opset)
     with artifacts.staged_files(out.parent) as tmp:
-        onnx_export.export_dynamic(model, tmp / out.name, cfg.export.opset, cfg.export.exporter)
+        signature = onnx_export.export_dynamic(model, tmp / out.name, cfg.export.opset, context)
         export_seconds = time.perf_counter() - start
         del model
         gc.collect()
         session = onnx_models.cpu_session(tmp / out.name)
-        diffs = [np.abs(onnx_models.run_logits(session, i, m) - ref)[m.astype(bool)].max()
+        diffs = [np.abs(onnx_models.run_logits(session, signature, i, m) - ref)[m.astype(bool)].max()
                  for (i, m), ref in zip(batches, expected)]
-        del session
         max_diff = float(max(diffs))
         if not max_diff <= cfg.export.max_abs_diff:
             raise AntinetError(f"exported ONNX logits differ from PyTorch by {max_diff:.3g} > export.max_abs_diff "
-                               f"{cfg.export.max_abs_diff}: try another export.opset or export.exporter")
-    metrics = record(model=cfg.model.name, opset=cfg.export.opset, exporter=cfg.export.exporter,
-                     max_abs_diff=max_diff, validated_batches=len(batches),
+                               f"{cfg.export.max_abs_diff}: try another export.opset")
+        stepper = generation.OrtKvStepper(session, signature)
+        for prompt, ref in zip(prompts, greedy):
+            got = list(generation.generate(stepper, prompt, len(ref)))
+            if got != ref:
+                first = next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b)
+                raise AntinetError(f"greedy generation through the exported KV cache departs from PyTorch generate() "
+                                   f"at new token {first} of {len(ref)}: the cache inputs/outputs are wired wrong")
+        del session, stepper
+        signature.write(tmp / out.name)
+    metrics = record(model=cfg.model.name, opset=cfg.export.opset, kv_cache=True, max_abs_diff=max_diff,
+                     validated_batches=len(batches), greedy_prompts_equal=len(prompts),
+                     greedy_new_tokens=cfg.export.validate_new_tokens,
                      size_mb=round(artifacts.onnx_size_mb(out), 3), export_seconds=round(export_seconds, 2),
                      seconds=round(time.perf_counter() - start, 2))
     artifacts.write_metrics(artifacts.METRICS / "export.json", metrics)
-    log.info("%s (%.1f MB), max |logits - PyTorch| %.2e over %d batches, in %.1f s", out,
-             metrics["size_mb"], max_diff, len(batches), metrics["seconds"])
+    log.info("%s (%.1f MB), max |logits - PyTorch| %.2e over %d batches, greedy generation equal to PyTorch on %d "
+             "prompts x %d tokens, in %.1f s", out, metrics["size_mb"], max_diff, len(batches), len(prompts),
+             cfg.export.validate_new_tokens, metrics["seconds"])
     return metrics

@@ -32,16 +32,17 @@ def run(cfg: Config, seq_len: int) -> dict:
     out = artifacts.npu_onnx_path(cfg.model.name, seq_len)
     log.info("exporting static S=%d graph to %s", seq_len, out)
     with artifacts.staged_files(out.parent) as tmp:
-        onnx_export.export_static(model, tmp / out.name, seq_len, cfg.compile.opset, cfg.compile.mask_value,
-                                  cfg.compile.rmsnorm)
+        signature = onnx_export.export_static(model, tmp / out.name, seq_len, cfg.compile.opset,
+                                              cfg.compile.mask_value, cfg.compile.rmsnorm)
         del model
         gc.collect()
         session = onnx_models.cpu_session(tmp / out.name)
-        got = session.run(None, onnx_models.static_feeds(ids, cfg.compile.mask_value))[0]
+        got = session.run(None, signature.static_feeds(ids))[0]
         max_diff = float(np.abs(got - expected).max())
         if not max_diff <= cfg.export.max_abs_diff:
             raise AntinetError(f"static S={seq_len} graph differs from PyTorch by {max_diff:.3g} > "
                                f"export.max_abs_diff {cfg.export.max_abs_diff}: check compile.mask_value")
+        signature.write(tmp / out.name)
     metrics = record(model=cfg.model.name, seq_len=seq_len, opset=cfg.compile.opset, rmsnorm=cfg.compile.rmsnorm,
                      max_abs_diff=max_diff,
                      size_mb=round(artifacts.onnx_size_mb(out), 3), seconds=round(time.perf_counter() - start, 2))

@@ -15,6 +15,7 @@ import onnx
 from antinet_npu import AntinetError, artifacts, onnx_models, quantization, sensitivity
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
+from antinet_npu.signature import Signature
 
 log = logging.getLogger("quantize")
 # Recipe fields that matter for each method (recorded in the metrics; the rest do not apply).
@@ -33,6 +34,7 @@ def run(cfg: Config, precision: str) -> dict:
     recipe = recipes[precision]
     src, out = artifacts.onnx_path(cfg.model.name), artifacts.onnx_path(cfg.model.name, precision)
     onnx_models.check_model(src)
+    signature = Signature.read(src)  # weights change, inputs and outputs do not
     # MatMulNBits quantizes MatMuls only; quantize_dynamic also the embedding Gather.
     nodes = quantization.weight_groups(src, ("MatMul",) if recipe.method == "matmul-nbits" else ("MatMul", "Gather"))
     groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name, nodes)
@@ -42,6 +44,7 @@ def run(cfg: Config, precision: str) -> dict:
              f", keeping {len(keep)} nodes of {', '.join(groups)} as {recipe.mixed.keep_as}" if keep else "")
     with artifacts.staged_files(out.parent) as tmp:
         quantization.quantize(src, recipe, tmp / out.name, keep)
+        signature.write(tmp / out.name)
         gc.collect()
         ops = quantization.op_histogram(onnx.load(tmp / out.name, load_external_data=False))
     size_mb, fp32_mb = artifacts.onnx_size_mb(out), artifacts.onnx_size_mb(src)

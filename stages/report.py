@@ -36,6 +36,9 @@ def run(cfg: Config) -> dict:
     artifacts.write_metrics(artifacts.METRICS / "speedup.json", reporting.speedups(sources))
     artifacts.write_text(PLOTS / "latency.csv", _csv(latency, ["series", "seq_len", "avg_latency_ms", "emulated"]))
     artifacts.write_text(PLOTS / "fidelity.csv", _csv(fidelity, ["variant", "size_mb", "top1_agreement", "cosine"]))
+    artifacts.write_text(PLOTS / "generation.csv", _csv(reporting.generation_rows(cfg.model.name),
+                                                        ["series", "run", "prompt_len", "decode_tokens_per_s",
+                                                         "ttft_ms"]))
     artifacts.write_text(PLOTS / "sensitivity.csv", _csv(reporting.sensitivity_rows(cfg.model.name),
                                                          ["probe", "group", "rank", "kl", "top1_agreement"]))
     devices = [s.name for s in sources[1:]]

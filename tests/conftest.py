@@ -25,7 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Shrinks the builtin model's training so the whole pipeline fits the test budget; the code paths are the same.
 TEST_OVERRIDES = ["model.builtin.train_steps=60", "evaluate.num_samples=8", "compile.seq_lens=[32]",
-                  "~bench.runs.qnn-htp-w8a16-128", "bench.warmup=1", "bench.iterations=3"]
+                  "~bench.runs.qnn-htp-w8a16-128", "bench.warmup=1", "bench.iterations=3",
+                  "bench.generation.new_tokens=16", "bench.generation.iterations=2"]
 
 
 @dataclass

@@ -39,14 +39,20 @@ def test_repro_compiles_context_binaries_that_match_fp32(pipeline):
 def test_context_runs_on_htp_and_accepts_only_its_static_shape(pipeline):
     import numpy as np
 
-    from antinet_npu.onnx_models import static_feeds
+    from antinet_npu.signature import Signature, causal_mask
 
     ctx = pipeline.path / "models/qnn/tiny-qwen2-w8a16-s32_ctx.onnx"
+    signature = Signature.read(ctx)  # written by compile: what the context takes, without parsing its name
+    assert (signature.seq_len, signature.mask, signature.kv, signature.can_generate) == (32, "additive", None, False)
     session = qnn.session(ctx, TargetConfig(), allow_cpu_fallback=False)
-    logits = session.run(None, static_feeds(np.arange(32)[None], -100.0))[0]
+    logits = session.run(None, signature.static_feeds(np.arange(32)[None]))[0]
     assert logits.shape == (1, 32, 2048) and np.isfinite(logits).all()
+    with pytest.raises(AntinetError, match="exactly 32 tokens"):
+        signature.static_feeds(np.arange(16)[None])
+    feeds = {"input_ids": np.arange(16)[None], "attention_mask": causal_mask(16, signature.mask_value),
+             "position_ids": np.arange(16)[None]}
     with pytest.raises(Exception):
-        session.run(None, static_feeds(np.arange(16)[None], -100.0))
+        session.run(None, feeds)
 
 
 def test_recompiling_over_an_existing_context_replaces_it(pipeline, tmp_path):

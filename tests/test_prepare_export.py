@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from antinet_npu.onnx_models import cpu_session, run_logits
+from antinet_npu.signature import KvLayout, Signature
 from conftest import TEST_OVERRIDES, clone_project, error_line
 
 pytestmark = pytest.mark.slow
@@ -36,12 +37,46 @@ def test_repro_builds_snapshot_onnx_and_metrics(pipeline):
     assert prepare["num_parameters"] > 1e6 and prepare["train_loss"] < 7.0  # below ln(2048) = 7.6: it learned
 
 
-def test_onnx_has_dynamic_batch_and_sequence(pipeline):
-    session = cpu_session(pipeline.path / "models/onnx/tiny-qwen2.onnx")
-    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+def test_onnx_has_a_kv_cache_and_runs_single_passes_with_an_empty_past(pipeline):
+    path = pipeline.path / "models/onnx/tiny-qwen2.onnx"
+    signature = Signature.read(path)
+    assert signature.kv == KvLayout(num_layers=4, kv_heads=2, head_dim=32) and signature.mask == "padding"
+    session = cpu_session(path)
+    assert [i.name for i in session.get_inputs()] == list(signature.inputs) == [
+        "input_ids", "attention_mask", "position_ids", *(f"past_key_values.{i}.{k}" for i in range(4)
+                                                         for k in ("key", "value"))]
+    assert [o.name for o in session.get_outputs()][:3] == ["logits", "present.0.key", "present.0.value"]
     for batch, seq in ((1, 5), (3, 37)):
-        logits = run_logits(session, np.ones((batch, seq), dtype=np.int64))
+        logits = run_logits(session, signature, np.ones((batch, seq), dtype=np.int64))
         assert logits.shape == (batch, seq, 2048)
+    metrics = json.loads((pipeline.path / "metrics/export.json").read_text())
+    assert metrics["kv_cache"] and metrics["greedy_prompts_equal"] == 3 and metrics["greedy_new_tokens"] == 32
+
+
+def test_fp32_greedy_generation_equals_pytorch_generate(pipeline):
+    """Token for token, on held-out prompts, through the cache; and equal to re-running the whole prefix."""
+    import torch
+
+    from antinet_npu import checkpoint, corpus, generation
+    from antinet_npu.config import load
+
+    cfg = load(pipeline.path / "params.yaml")
+    snapshot = pipeline.path / "models/pytorch/tiny-qwen2"
+    model = checkpoint.load_snapshot(snapshot)
+    model.generation_config.eos_token_id = None
+    docs = corpus.split_documents(cfg.text)["eval"]
+    prompts = corpus.windows(checkpoint.load_text_tokenizer(snapshot), docs[1:], 24, 3, "evaluation")
+    path = pipeline.path / "models/onnx/tiny-qwen2.onnx"
+    session, signature = cpu_session(path), Signature.read(path)
+    cached = generation.OrtKvStepper(session, signature)
+    recompute = generation.RecomputeStepper(lambda ids: run_logits(session, signature, ids), 512)
+    for prompt in prompts:
+        ids = torch.from_numpy(prompt[None])
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                                      pad_token_id=0)[0, 24:].tolist()
+        assert list(generation.generate(cached, prompt, 32)) == expected
+        assert list(generation.generate(recompute, prompt, 32)) == expected
 
 
 def test_second_repro_runs_nothing_and_opset_change_reruns_export_only(pipeline, tmp_path):

@@ -1,7 +1,7 @@
 """Runtime backends: one small interface, one registry, and the fallback chain.
 
-A backend loads one artifact, runs (1, S) token ids to logits, and describes what actually ran. Adding a backend is
-one new module here and one line in `REGISTRY`.
+A backend loads one artifact, runs (1, S) token ids to logits, hands out a generation `Stepper` when its artifact has
+a KV cache, and describes what actually ran. Adding a backend is one new module here and one line in `registry`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 
 from antinet_npu import AntinetError
 from antinet_npu.config import Config
+from antinet_npu.signature import Signature
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,12 @@ class Backend(ABC):
     def __init__(self, cfg: Config, perf_mode: str):
         self.cfg = cfg
         self.perf_mode = perf_mode
-        self.seq_len: int | None = None  # fixed for static-shape artifacts
+        self.signature: Signature | None = None  # what the loaded artifact takes and gives
+
+    @property
+    def seq_len(self) -> int | None:
+        """Tokens per call, fixed for static-shape artifacts."""
+        return self.signature.seq_len if self.signature else None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -51,6 +57,12 @@ class Backend(ABC):
     def describe(self) -> dict:
         """What ran: backend, device, emulated (and anything else worth recording)."""
 
+    def stepper(self):
+        """A generation session over the loaded artifact's KV cache (`generation.Stepper`)."""
+        shape = f"a static single-pass graph of {self.seq_len} tokens" if self.seq_len else "single passes only"
+        raise AntinetError(f"{self.name} runs {shape} and cannot generate: NPU prefill/decode graphs are not built "
+                           "yet; generate on ort-cpu or torch")
+
     def check_input(self, input_ids: np.ndarray) -> None:
         if self.seq_len is not None and input_ids.shape[-1] != self.seq_len:
             raise AntinetError(f"{self.name} runs a static graph of exactly {self.seq_len} tokens, got "
@@ -63,10 +75,12 @@ class Backend(ABC):
 def registry() -> dict[str, type[Backend]]:
     from antinet_npu.backends.appbuilder import AppBuilderBackend
     from antinet_npu.backends.ort_cpu import OrtCpuBackend
+    from antinet_npu.backends.ort_genai import OrtGenaiBackend
     from antinet_npu.backends.qnn_ep import QnnGpuBackend, QnnHtpBackend
     from antinet_npu.backends.torch_eager import TorchBackend
 
-    return {b.name: b for b in (TorchBackend, OrtCpuBackend, QnnHtpBackend, QnnGpuBackend, AppBuilderBackend)}
+    return {b.name: b for b in (TorchBackend, OrtCpuBackend, QnnHtpBackend, QnnGpuBackend, AppBuilderBackend,
+                                OrtGenaiBackend)}
 
 
 NPU_BACKENDS = ("qai-appbuilder", "qnn-htp")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from antinet_npu import AntinetError, onnx_models
+from antinet_npu import AntinetError
 from antinet_npu.backends import Backend
+from antinet_npu.signature import Signature
 
 # Our perf mode names -> AppBuilder PerfProfile attributes (AppBuilder has only these three).
 PROFILES = {"default": "DEFAULT", "high_performance": "HIGH_PERFORMANCE", "burst": "BURST"}
@@ -46,7 +47,7 @@ class AppBuilderBackend(Backend):
         if not _configured:  # once per process, before any context
             QNNConfig.Config(self.cfg.bench.appbuilder_lib_path, Runtime.HTP, LogLevel.WARN, ProfilingLevel.BASIC)
             _configured = True
-        self.seq_len = int(binary.name.rsplit("-s", 1)[1].split("_", 1)[0])
+        self.signature = Signature.read(artifact)  # written by `compile` beside the _ctx.onnx
         self.context = QNNContext(binary.stem, str(binary), input_data_type=DataType.FLOAT,
                                   output_data_type=DataType.FLOAT)
         self._profiles = PerfProfile
@@ -54,9 +55,9 @@ class AppBuilderBackend(Backend):
 
     def run(self, input_ids: np.ndarray) -> np.ndarray:
         self.check_input(input_ids)
-        feeds = onnx_models.static_feeds(input_ids, self.cfg.compile.mask_value)
+        feeds = self.signature.static_feeds(input_ids)
         # FLOAT mode: AppBuilder converts float32 inputs to the graph's native types, in graph-input order.
-        outputs = self.context.Inference([feeds[name].astype(np.float32) for name in onnx_models.STATIC_INPUTS])
+        outputs = self.context.Inference([feeds[name].astype(np.float32) for name in self.signature.inputs])
         return np.asarray(outputs[0], dtype=np.float32).reshape(1, self.seq_len, -1)
 
     def describe(self) -> dict:

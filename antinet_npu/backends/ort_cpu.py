@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from antinet_npu import AntinetError, onnx_models
+from antinet_npu import AntinetError, generation, onnx_models
 from antinet_npu.backends import Backend
+from antinet_npu.signature import PADDING_MASK, Signature
 
 
 class OrtCpuBackend(Backend):
@@ -16,12 +17,19 @@ class OrtCpuBackend(Backend):
     def load(self, artifact: Path) -> None:
         if not artifact.is_file():
             raise AntinetError(f"{artifact} not found: run `dvc repro` (export / quantize) first")
+        self.signature = Signature.read(artifact)
         self.session = onnx_models.cpu_session(artifact, self.cfg.bench.threads)
-        self.seq_len = onnx_models.static_seq_len(self.session)
 
     def run(self, input_ids: np.ndarray) -> np.ndarray:
         self.check_input(input_ids)
-        return onnx_models.run_logits(self.session, input_ids)
+        if self.signature.mask != PADDING_MASK:  # a static NPU graph run on the CPU
+            return self.session.run(["logits"], self.signature.static_feeds(input_ids))[0]
+        return onnx_models.run_logits(self.session, self.signature, input_ids)
+
+    def stepper(self) -> generation.Stepper:
+        if self.signature.kv is None:
+            return super().stepper()
+        return generation.OrtKvStepper(self.session, self.signature)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": "cpu", "emulated": False, "threads": self.cfg.bench.threads}

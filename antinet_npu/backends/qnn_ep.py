@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from antinet_npu import AntinetError, onnx_models, qnn
+from antinet_npu import AntinetError, qnn
 from antinet_npu.backends import Backend
 from antinet_npu.config import HTP_PERF_MODES
+from antinet_npu.signature import Signature
 
 
 class QnnHtpBackend(Backend):
@@ -30,13 +31,13 @@ class QnnHtpBackend(Backend):
         self.check_perf_mode()
         if not artifact.is_file():
             raise AntinetError(f"{artifact} not found: run `dvc repro compile` first")
+        self.signature = Signature.read(artifact)
         self.session = qnn.session(artifact, self.cfg.target, backend=self.qnn_backend, perf_mode=self.perf_mode,
                                    allow_cpu_fallback=False)
-        self.seq_len = onnx_models.static_seq_len(self.session)
 
     def run(self, input_ids: np.ndarray) -> np.ndarray:
         self.check_input(input_ids)
-        return self.session.run(None, onnx_models.static_feeds(input_ids, self.cfg.compile.mask_value))[0]
+        return self.session.run(None, self.signature.static_feeds(input_ids))[0]
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": qnn.device_name(self.qnn_backend), "emulated": qnn.emulated(),

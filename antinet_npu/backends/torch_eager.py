@@ -26,7 +26,34 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             return self.model(input_ids=torch.from_numpy(input_ids.astype(np.int64)), use_cache=False).logits.numpy()
 
+    def stepper(self) -> TorchStepper:
+        return TorchStepper(self.model)
+
     def describe(self) -> dict:
         import torch
 
         return {"backend": self.name, "device": "cpu", "emulated": False, "threads": torch.get_num_threads()}
+
+
+class TorchStepper:
+    """transformers' own KV cache (DynamicCache), one forward per call, as `generate()` does."""
+
+    def __init__(self, model):
+        self.model, self.past = model, None
+        self.context_length = checkpoint.max_positions(model.config)
+
+    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        self.past = None
+        return self._run(np.asarray(prompt, dtype=np.int64).reshape(1, -1))
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._run(np.array([[token]], dtype=np.int64))
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.from_numpy(ids), past_key_values=self.past, use_cache=True,
+                             logits_to_keep=1)
+        self.past = out.past_key_values
+        return out.logits[0, -1].float().numpy()

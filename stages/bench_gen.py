@@ -1,0 +1,71 @@
+"""Stage `bench-gen` (one run per entry of bench.generation.runs): prefill + decode, as a chat app generates.
+
+Per prompt length P (bench.generation.prompt_lens, held-out text): warm-up, then timed greedy generations of G new
+tokens. Time to first token = prompt in -> first new token's logits out; decode = every later token, one step each.
+A `-nocache` run re-runs the whole prefix for every token (what a single-pass graph can do), for comparison.
+Writes metrics/bench-gen/<run>.json: one block of figures per P.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, generation
+from antinet_npu.backends import registry
+from antinet_npu.config import Config
+from antinet_npu.provenance import record
+from antinet_npu.timing import GenerationTracker
+
+log = logging.getLogger("bench-gen")
+
+
+def run(cfg: Config, run: str) -> dict:
+    gc_ = cfg.bench.generation
+    if run not in gc_.runs:
+        raise AntinetError(f"unknown generation run {run!r}: bench.generation.runs has {', '.join(gc_.runs)}")
+    spec = gc_.runs[run]
+    new_tokens = spec.new_tokens or gc_.new_tokens
+    snapshot = artifacts.pytorch_dir(cfg.model.name)
+    tokenizer = checkpoint.load_text_tokenizer(snapshot)
+    docs = corpus.split_documents(cfg.text)["eval"]
+    prompts = {p: corpus.windows(tokenizer, docs, p, 1, "evaluation")[0] for p in gc_.prompt_lens}
+
+    cls = registry()[spec.backend]
+    reason = cls.unavailable_reason()
+    if reason:  # no fallback: a generation figure is only meaningful for the backend named
+        raise AntinetError(f"{run}: {reason}")
+    artifact = artifacts.MODELS / spec.model
+    if not artifact.exists():
+        raise AntinetError(f"{artifact} not found for generation run {run}: run `dvc repro` (the stage that builds "
+                           f"{spec.model}) first")
+    backend = cls(cfg, cfg.bench.perf_mode)
+    start = time.perf_counter()
+    backend.load(artifact)
+    load_seconds = time.perf_counter() - start
+    results = {}
+    try:
+        stepper = backend.stepper()
+        if not spec.cache:
+            stepper = generation.RecomputeStepper(backend.run, stepper.context_length)
+        described = backend.describe()
+        for p, prompt in prompts.items():
+            generation.check_request(p, new_tokens, stepper.context_length)
+            log.info("%s on %s, P=%d, G=%d%s: %d warm-up + %d timed generations", run, described["backend"], p,
+                     new_tokens, "" if spec.cache else " (no KV cache)", gc_.warmup, gc_.iterations)
+            for _ in range(gc_.warmup):
+                GenerationTracker().generate(stepper, prompt, new_tokens)
+            tracker = GenerationTracker()
+            for _ in range(gc_.iterations):
+                tracker.generate(stepper, prompt, new_tokens)
+            results[f"p{p}"] = tracker.stats()
+            log.info("%s P=%d: TTFT %.1f ms, decode %.2f tokens/s (p50 %.2f ms, p90 %.2f ms per token), e2e %.0f ms",
+                     run, p, results[f"p{p}"]["ttft_ms"], results[f"p{p}"]["decode_tokens_per_s"],
+                     results[f"p{p}"]["p50_decode_ms_per_token"], results[f"p{p}"]["p90_decode_ms_per_token"],
+                     results[f"p{p}"]["e2e_ms"])
+    finally:
+        backend.close()
+    metrics = record(model=cfg.model.name, run=run, precision=spec.precision, **described, kv_cache=spec.cache,
+                     new_tokens=new_tokens, warmup=gc_.warmup, load_seconds=round(load_seconds, 3), **results)
+    artifacts.write_metrics(artifacts.METRICS / "bench-gen" / f"{run}.json", metrics)
+    return metrics
