@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from antinet_npu import AntinetError
+
 MODELS = Path("models")
 METRICS = Path("metrics")
 REPORTS = Path("reports")
@@ -99,8 +101,17 @@ def staged_files(dest: Path) -> Iterator[Path]:
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:
-    """Every metrics file in `folder`, by file stem."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    """Every metrics file in `folder`, by file stem; a damaged one is a one-line error naming it."""
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise AntinetError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}): re-run the stage that "
+                               "writes it (`dvc repro`)") from None
+        if not isinstance(out[path.stem], dict):
+            raise AntinetError(f"{path} does not hold a metrics object: re-run the stage that writes it")
+    return out
 
 
 def write_text(path: Path, text: str) -> None:

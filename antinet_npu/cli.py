@@ -62,11 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, **kwargs)
         _config_arguments(p)
 
-    p = sub.add_parser("verify", help="print the metrics table; exit 1 if a non-emulated run is over budget or a "
-                       "fidelity gate failed", description="The seed's verify_compliance: reads metrics/ (bench, "
-                       "evaluate, compile), prints a table, exits 1 when a benchmark that did not run on an emulator "
-                       "is over its latency budget or a variant failed its fidelity gate, 0 otherwise.")
+    p = sub.add_parser("verify", help="print the metrics table; exit 1 if a result is missing or unjudged, a "
+                       "non-emulated run is over budget or a fidelity gate failed", description="The seed's "
+                       "verify_compliance: reads metrics/ (bench, bench-gen, evaluate, compile, devices/), compares "
+                       "with what params.yaml asks for, prints a table, exits 1 when a result is missing, damaged or "
+                       "unjudged, a benchmark that did not run on an emulator is over its latency budget or a "
+                       "variant failed its fidelity gate, 0 otherwise. Run from the project root.")
     p.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
+    p.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
 
     p = sub.add_parser("serve", help="HTTP API on one loaded model (503 until loaded)",
                        description="Serve /api/health, /api/infer and /api/performance/benchmark on one model "
@@ -118,7 +121,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         from antinet_npu.verify import main as verify_main
 
-        return verify_main(Path(args.metrics))
+        return verify_main(config.load(args.params), Path(args.metrics))
     if args.command == "compose":
         text = config.to_yaml(config.compose(args.overrides))
         config.validate(config.compose(args.overrides), source="composed config")

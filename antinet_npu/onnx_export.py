@@ -48,8 +48,40 @@ class CausalLMWithCache(torch.nn.Module):
         return (out.logits, *present)
 
 
+GROUPED_ATTENTION = "antinet_grouped"
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention for grouped KV heads without `repeat_kv`: each KV head's query heads are stacked along the
+    sequence axis, so K and V are read once instead of being copied to every query head (a copy of the whole
+    past per layer and per decode step in the exported graph). Same arithmetic as transformers' eager attention."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = query.reshape(batch, kv_heads, heads // kv_heads * q_len, head_dim)  # head i uses KV head i // rep
+    weights = torch.matmul(groups, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        shape = weights.shape
+        weights = (weights.reshape(batch, kv_heads, heads // kv_heads, q_len, -1)
+                   + attention_mask[:, :, None]).reshape(shape)
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights, value).reshape(batch, heads, q_len, head_dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_grouped_attention(model: torch.nn.Module) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)  # the additive float mask eager attention takes
+    model.set_attn_implementation(GROUPED_ATTENTION)
+
+
 def export_dynamic(model: torch.nn.Module, out: Path, opset: int, context_length: int) -> Signature:
-    """Export the KV-cache graph (dynamic batch, sequence and past axes) to `out` (+ `out.data`)."""
+    """Export the KV-cache graph (dynamic batch, sequence and past axes) to `out` (+ `out.data`).
+
+    Attention is exported as `grouped_attention` (changes `model` in place)."""
+    use_grouped_attention(model)
     layout = kv_layout(model.config)
     signature = Signature(inputs=("input_ids", "attention_mask", "position_ids", *layout.past_names()),
                           outputs=("logits", *layout.present_names()), mask=PADDING_MASK,

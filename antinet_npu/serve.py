@@ -168,9 +168,6 @@ def create_app(cfg: Config, host: ModelHost | None = None):
     @app.post("/api/infer")
     def infer(req: InferRequest) -> dict:
         require_ready()
-        if req.max_new_tokens > cfg.serve.max_new_tokens:
-            raise HTTPException(status_code=422, detail=f"max_new_tokens is limited to {cfg.serve.max_new_tokens} "
-                                "(serve.max_new_tokens)")
         ids = list(req.token_ids) if req.token_ids is not None else host.prompt_ids(req.text)
         host.check_request(ids, req.max_new_tokens)
         start = time.perf_counter()

