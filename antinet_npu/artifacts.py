@@ -67,21 +67,46 @@ def onnx_size_mb(path: Path) -> float:
     return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else (or Windows semantics): leave it alone
+        return True
+    return True
+
+
+def remove_stale(parent: Path, kind: str) -> None:
+    """Delete `.<kind>-<pid>-*` folders under `parent` whose process is gone (killed mid-write: a full model each)."""
+    for leftover in parent.glob(f".{kind}-*-*"):
+        pid = leftover.name[len(kind) + 2:].split("-", 1)[0]
+        if leftover.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def scratch_dir(parent: Path, kind: str) -> Iterator[Path]:
+    """A temporary folder `.<kind>-<pid>-*` under `parent`, removed afterwards; stale ones of dead processes too."""
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(parent, kind)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{kind}-{os.getpid()}-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder next to `final`; on success it replaces `final` whole."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
-    os.replace(tmp, final)
+    with scratch_dir(final.parent, "staging") as tmp:
+        out = tmp / final.name
+        out.mkdir()
+        yield out
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(out, final)
 
 
 @contextmanager
@@ -90,14 +115,10 @@ def staged_files(dest: Path) -> Iterator[Path]:
 
     For outputs made of several files that reference each other by name (an ONNX model and its `.data`).
     """
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".staging-"))
-    try:
+    with scratch_dir(dest, "staging") as tmp:
         yield tmp
         for item in sorted(tmp.iterdir()):
             os.replace(item, dest / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:
@@ -117,8 +138,12 @@ def read_metrics(folder: Path) -> dict[str, dict]:
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -20,6 +20,8 @@ from antinet_npu.corpus import Document, token_stream
 
 log = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
+# What a Hugging Face checkpoint folder holds its tokenizer in (fast tokenizer, SentencePiece, byte-level BPE)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def load_source(cfg: ModelConfig, train_docs: list[Document] | None = None):
@@ -93,6 +95,8 @@ def load_text_tokenizer(path: str | Path):
 
 
 def check_seq_len(seq_len: int, limit: int, where: str) -> None:
+    if seq_len < 2:
+        raise AntinetError(f"sequence length must be at least 2, got {seq_len}: {where}")
     if seq_len > limit:
         raise AntinetError(f"sequence length {seq_len} exceeds the model's maximum positions ({limit}): {where}")
 
@@ -198,7 +202,21 @@ def _load_local(path: Path, cfg: ModelConfig):
 
 
 def _load_hub(cfg: ModelConfig):
-    return _from_pretrained(cfg.source, cfg, local_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
+    return _from_pretrained(cfg.source, cfg, local_only=offline)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub: without it, the local cache only (transformers would retry for ~25 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _from_pretrained(where: str, cfg: ModelConfig, local_only: bool):
@@ -219,12 +237,24 @@ def _from_pretrained(where: str, cfg: ModelConfig, local_only: bool):
         raise AntinetError(f"{where} is a {config.model_type!r} model, not a causal LM: antinet-npu converts "
                            "decoder-only checkpoints (Qwen2, Llama, ...) loadable with AutoModelForCausalLM")
     log.info("loading %s", where)
+    local = Path(where).is_dir()
+    if local and not any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
+        raise AntinetError(f"{where} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer "
+                           "files of the model's repository into it")
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, attn_implementation="eager",
                                                      **kwargs)
+    except Exception as exc:  # OSError, ValueError, safetensors' SafetensorError on a truncated file, ...
+        what = "the weights in " if local else ""
+        raise AntinetError(f"cannot load {what}{where} ({type(exc).__name__}: {_first_line(exc)}): the checkpoint "
+                           "is damaged or incomplete; copy or download it again") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as exc:
-        raise AntinetError(f"cannot load {where}: {_first_line(exc)}") from None
+        raise AntinetError(f"cannot load the tokenizer of {where}: {_first_line(exc)}") from None
+    if len(tokenizer) < 2:
+        raise AntinetError(f"the tokenizer of {where} has {len(tokenizer)} token(s): its files are incomplete; copy "
+                           "the tokenizer files of the model's repository into it")
     return model.eval(), tokenizer, {"num_parameters": sum(p.numel() for p in model.parameters())}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from antinet_npu import AntinetError, __version__
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"antinet-npu {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="libraries' INFO lines too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for name, (help_text, extra) in STAGES.items():
@@ -99,10 +101,18 @@ def _stage_module(name: str):
     return importlib.import_module(f"antinet_npu.stages.{name}")
 
 
+def _terminate(signum, _frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: staging folders and partial files are removed on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # libraries' INFO lines (one per quantized node) would drown the stage's own
+        for name in ("onnxruntime", "onnx", "transformers", "dvc", "httpx", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return _dispatch(args)
     except AntinetError as exc:
@@ -111,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"antinet-npu {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permissions: the environment, not the code
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"antinet-npu {args.command}: error: {exc.strerror or exc}{where}: free disk space or fix the path, "
+              "then re-run", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -143,6 +158,6 @@ def _dispatch(args: argparse.Namespace) -> int:
                 setattr(cfg.serve, key, getattr(args, key))
         config.validate(cfg, source="command line")  # the flags obey the same rules as params
         return serve.main(cfg)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "overrides", "params")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "verbose", "overrides", "params")}
     _stage_module(args.command.replace("-", "_")).run(cfg, **options)
     return 0

@@ -64,7 +64,7 @@ class BuiltinModelConfig:
                  "model.builtin.num_attention_heads must be a multiple of num_key_value_heads")
         _require(self.tokenizer_vocab_size <= self.vocab_size,
                  "model.builtin.tokenizer_vocab_size must not exceed model.builtin.vocab_size")
-        _require(self.train_steps >= 0, "model.builtin.train_steps must be >= 0")
+        _require(self.train_steps >= 0, f"model.builtin.train_steps must be >= 0, got {self.train_steps}")
         _require(self.train_seq_len <= self.max_position_embeddings,
                  "model.builtin.train_seq_len must not exceed max_position_embeddings")
 
@@ -116,15 +116,21 @@ class ExportConfig:
                                                             "PyTorch generate() token for token"))
     validate_prompt_len: int = 16
     validate_new_tokens: int = 32
-    max_abs_diff: float = field(default=1e-3, metadata=_help("fail the export above this logits difference"))
+    max_rel_diff: float = field(default=1e-3, metadata=_help("fail the export when max |logits - PyTorch| exceeds "
+                                                             "this fraction of max |PyTorch logits|"))
+    min_top1: float = field(default=0.99, metadata=_help("fail the export when fewer positions have PyTorch's "
+                                                         "argmax"))
 
     def check(self) -> None:
         _require(14 <= self.opset <= 21, f"export.opset must be between 14 and 21, got {self.opset}")
         _require(self.validate_batches > 0 and self.validate_seq_len > 1,
-                 "export.validate_batches must be > 0 and export.validate_seq_len > 1")
+                 f"export.validate_batches must be > 0 and export.validate_seq_len > 1, got "
+                 f"{self.validate_batches} and {self.validate_seq_len}")
         _require(self.validate_prompts >= 0 and self.validate_prompt_len > 0 and self.validate_new_tokens > 0,
                  "export.validate_prompts must be >= 0, validate_prompt_len and validate_new_tokens > 0")
-        _require(self.max_abs_diff > 0, "export.max_abs_diff must be positive")
+        _require(self.max_rel_diff > 0 and 0 < self.min_top1 <= 1,
+                 f"export.max_rel_diff must be > 0 and export.min_top1 in (0, 1], got {self.max_rel_diff} and "
+                 f"{self.min_top1}")
 
 
 GRANULARITIES = ("block", "channel", "tensor")
@@ -163,7 +169,8 @@ class SensitivityConfig:
     threads: int = field(default=0, metadata=_help("torch threads (0: all cores)"))
 
     def check(self) -> None:
-        _require(self.num_samples > 0 and self.seq_len > 1, "sensitivity.num_samples must be > 0 and seq_len > 1")
+        _require(self.num_samples > 0 and self.seq_len > 1, f"sensitivity.num_samples must be > 0 and seq_len > 1, "
+                 f"got {self.num_samples} and {self.seq_len}")
         for name, probe in self.probes.items():
             _require(bool(_SLUG.match(name)), f"sensitivity.probes: bad probe name {name!r}")
             try:
@@ -405,9 +412,10 @@ class CompileConfig:
         for seq in self.seq_lens:
             _require(seq > 1, f"compile.seq_lens must be > 1, got {seq}")
         _require(self.calib_samples > 0 and self.verify_samples > 0,
-                 "compile.calib_samples and compile.verify_samples must be > 0")
+                 f"compile.calib_samples and compile.verify_samples must be > 0, got {self.calib_samples} and "
+                 f"{self.verify_samples}")
         _require(self.mode in GATE_MODES, f"compile.mode must be one of {', '.join(GATE_MODES)}")
-        _require(self.mask_value < 0, "compile.mask_value must be negative")
+        _require(self.mask_value < 0, f"compile.mask_value must be negative, got {self.mask_value}")
         _require(self.rmsnorm in RMSNORM_FORMS, f"compile.rmsnorm must be one of {', '.join(RMSNORM_FORMS)}")
         _check_gates(self.gates, "compile")
         for name, recipe in self.recipes.items():
@@ -499,8 +507,9 @@ class BenchConfig:
     appbuilder_lib_path: str = field(default="None", metadata=_help("QNN libraries for AppBuilder ('None': its own)"))
 
     def check(self) -> None:
-        _require(self.warmup >= 0 and self.iterations > 0, "bench.warmup must be >= 0 and bench.iterations > 0")
-        _require(self.budget_ms > 0, "bench.budget_ms must be positive")
+        _require(self.warmup >= 0 and self.iterations > 0, f"bench.warmup must be >= 0 and bench.iterations > 0, "
+                 f"got {self.warmup} and {self.iterations}")
+        _require(self.budget_ms > 0, f"bench.budget_ms must be positive, got {self.budget_ms}")
         _require(self.perf_mode in HTP_PERF_MODES, f"unknown bench.perf_mode {self.perf_mode!r}: choose one of "
                  f"{', '.join(HTP_PERF_MODES)}")
         for name in self.fallback:
@@ -525,7 +534,8 @@ class ServeConfig:
 
     def check(self) -> None:
         _require(0 < self.port < 65536, f"serve.port must be 1..65535, got {self.port}")
-        _require(self.warmup >= 0 and self.max_new_tokens >= 0, "serve.warmup and serve.max_new_tokens must be >= 0")
+        _require(self.warmup >= 0 and self.max_new_tokens >= 0, "serve.warmup and serve.max_new_tokens must be "
+                 f">= 0, got {self.warmup} and {self.max_new_tokens}")
 
 
 @dataclass

@@ -84,6 +84,8 @@ def token_stream(tokenizer, docs: list[Document]) -> np.ndarray:
 
 def windows(tokenizer, docs: list[Document], seq_len: int, count: int, what: str) -> np.ndarray:
     """`count` non-overlapping windows of `seq_len` tokens, shape (count, seq_len), from the start of `docs`."""
+    if seq_len < 1 or count < 0:
+        raise AntinetError(f"{what} windows need a length >= 1 and a count >= 0, got {seq_len} and {count}")
     stream = token_stream(tokenizer, docs)
     available = len(stream) // seq_len
     if available < count:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from antinet_npu import AntinetError
 from antinet_npu.config import GateConfig
 
 
@@ -95,6 +96,29 @@ class FidelityMeter:
         t_lo, t_hi = np.percentile(top1, [2.5, 97.5])
         return {"ppl_increase_ci_low": float(lo), "ppl_increase_ci_high": float(hi),
                 "top1_ci_low": float(t_lo), "top1_ci_high": float(t_hi)}
+
+
+def export_error(pairs) -> dict[str, float]:
+    """How far exported logits are from PyTorch's over (got, expected, valid-position mask) triples: the largest
+    absolute difference, that difference relative to the largest |expected logit| (the check is relative so that it
+    means the same for any model and any CPU's float rounding), and the share of positions with the same argmax."""
+    diff = scale = 0.0
+    same = total = 0
+    for got, ref, mask in pairs:
+        keep = np.ones(ref.shape[:-1], bool) if mask is None else mask.astype(bool)
+        diff = max(diff, float(np.abs(got - ref)[keep].max()))
+        scale = max(scale, float(np.abs(ref)[keep].max()))
+        same += int((got.argmax(-1) == ref.argmax(-1))[keep].sum())
+        total += int(keep.sum())
+    return {"max_abs_diff": diff, "max_rel_diff": diff / max(scale, 1e-30), "top1_equal": same / max(total, 1)}
+
+
+def check_export(error: dict[str, float], max_rel_diff: float, min_top1: float, what: str, hint: str) -> None:
+    if not (error["max_rel_diff"] <= max_rel_diff and error["top1_equal"] >= min_top1):
+        raise AntinetError(f"{what} differs from PyTorch: max |logits difference| {error['max_abs_diff']:.3g} = "
+                           f"{error['max_rel_diff']:.3g} of the logits' scale (export.max_rel_diff {max_rel_diff:g}), "
+                           f"same argmax on {error['top1_equal']:.4f} of positions (export.min_top1 {min_top1:g}): "
+                           f"{hint}")
 
 
 def generation_agreement(reference: list[list[int]], variant: list[list[int]]) -> dict[str, float]:

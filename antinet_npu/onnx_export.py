@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import onnx
 import torch
 
-from antinet_npu.artifacts import MODELS
+from antinet_npu.artifacts import MODELS, scratch_dir
 from antinet_npu.onnx_models import consolidate
 from antinet_npu.signature import ADDITIVE_MASK, PADDING_MASK, KvLayout, Signature
 
@@ -95,8 +94,7 @@ def export_dynamic(model: torch.nn.Module, out: Path, opset: int, context_length
             "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
             **{n: {0: "batch", 2: "past_sequence"} for n in layout.past_names()},
             **{n: {0: "batch", 2: "total_sequence"} for n in layout.present_names()}}
-    MODELS.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".export-") as tmp, warnings.catch_warnings():
+    with scratch_dir(MODELS, "export") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow in transformers
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():
@@ -176,8 +174,7 @@ def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, m
     signature = Signature(inputs=("input_ids", "attention_mask", "position_ids"), outputs=("logits",),
                           mask=ADDITIVE_MASK, context_length=seq_len, seq_len=seq_len, mask_value=mask_value)
     feeds = {k: torch.from_numpy(v) for k, v in signature.static_feeds(np.zeros((1, seq_len), np.int64)).items()}
-    MODELS.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".export-") as tmp, warnings.catch_warnings():
+    with scratch_dir(MODELS, "export") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():

@@ -63,9 +63,11 @@ def consolidate(raw: Path, out: Path, size_threshold: int = 1024) -> None:
 
 
 def check_model(path: Path) -> None:
-    """Fail with a one-line error when `path` is missing or not a loadable ONNX model."""
+    """Fail with a one-line error when `path` is missing, not a loadable ONNX model, or its weights file is shorter
+    than the tensors it should hold (the checker does not look at external data)."""
     if not path.is_file():
         raise AntinetError(f"ONNX model {path} not found: run the stage that builds it (`dvc repro`)")
+    _check_external_data(path)
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # checker, protobuf and file errors: a damaged file, unless it is onnxruntime's own op
@@ -74,6 +76,30 @@ def check_model(path: Path) -> None:
             return
         raise AntinetError(f"{path} is not a valid ONNX model ({str(exc).strip().splitlines()[0][:200]}): "
                            "delete it and re-run `dvc repro`") from None
+
+
+def _check_external_data(path: Path) -> None:
+    from onnx.external_data_helper import _get_all_tensors
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors of a damaged file
+        raise AntinetError(f"{path} is not a valid ONNX model ({str(exc).strip().splitlines()[0][:200]}): delete "
+                           "it and re-run `dvc repro`") from None
+    sizes: dict[str, int] = {}
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        data = path.parent / info.get("location", "")
+        if data.name not in sizes:
+            sizes[data.name] = data.stat().st_size if data.is_file() else -1
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if sizes[data.name] < end:
+            found = "missing" if sizes[data.name] < 0 else \
+                f"{sizes[data.name]} bytes, tensor {tensor.name} ends at {end}"
+            raise AntinetError(f"{data} is damaged or incomplete ({found}): delete {path.name} and its data and "
+                               "re-run the stage that built it (`dvc repro`)")
 
 
 def cpu_session(path: Path, threads: int = 0, optimization: str = "all"):

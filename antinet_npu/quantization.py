@@ -8,13 +8,12 @@ NPU numerics.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 
-from antinet_npu.artifacts import MODELS
+from antinet_npu.artifacts import MODELS, scratch_dir
 from antinet_npu.config import QdqRecipeConfig, RecipeConfig
 from antinet_npu.onnx_models import save
 from antinet_npu.sensitivity import group_of
@@ -38,8 +37,7 @@ def fp16(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:
     """Float16 weights and compute; graph inputs/outputs stay float32 when `keep_io_types`."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    MODELS.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".quantize-") as tmp:
+    with scratch_dir(MODELS, "quantize") as tmp:
         # Shape inference on a file: in memory, protobuf cannot serialize a model over 2 GB.
         inferred = Path(tmp) / "inferred.onnx"
         onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
@@ -57,10 +55,13 @@ def dynamic_int8(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) ->
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Written straight to `out` (weights in `out.data`, as `save` names them): no second in-memory copy.
-    quantize_dynamic(src, out, weight_type=getattr(QuantType, recipe.weight_type),
-                     per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                     op_types_to_quantize=recipe.op_types or None,
-                     nodes_to_exclude=recipe.nodes_to_exclude + keep or None, use_external_data_format=True)
+    try:
+        quantize_dynamic(src, out, weight_type=getattr(QuantType, recipe.weight_type),
+                         per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                         op_types_to_quantize=recipe.op_types or None,
+                         nodes_to_exclude=recipe.nodes_to_exclude + keep or None, use_external_data_format=True)
+    finally:  # onnxruntime writes a shape-inferred copy beside the input and leaves it there when it fails
+        src.with_name(f"{src.stem}-inferred{src.suffix}").unlink(missing_ok=True)
 
 
 def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:
@@ -151,8 +152,7 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict], keep
                                 activation_symmetric=recipe.activation_symmetric,
                                 nodes_to_exclude=excluded or None)
     config.use_external_data_format = True
-    MODELS.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".qdq-") as tmp:
+    with scratch_dir(MODELS, "qdq") as tmp:
         out = Path(tmp) / "qdq.onnx"
         ort_quantize(str(src), str(out), config)
         return onnx.load(out)

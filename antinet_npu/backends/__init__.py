@@ -87,11 +87,11 @@ NPU_BACKENDS = ("qai-appbuilder", "qnn-htp")
 
 
 def open_with_fallback(cfg: Config, key: str) -> tuple[Backend, dict]:
-    """Load run `key` on its backend, or on the next one of `bench.fallback` that is available and loads.
+    """Load run `key` on its backend, or on the next one of `bench.fallback` that is available.
 
     Returns the loaded backend and what happened: requested_backend, backend, precision_run, artifact,
-    fallback_reason (None when the requested backend ran). A missing artifact is not a runtime failure: it fails
-    at once, naming the stage to run.
+    fallback_reason (None when the requested backend ran). A missing or damaged artifact is not a runtime failure:
+    it fails at once, naming the stage to run.
     """
     from antinet_npu import artifacts
 
@@ -118,13 +118,12 @@ def open_with_fallback(cfg: Config, key: str) -> tuple[Backend, dict]:
         cls = backends[name]
         reason = cls.unavailable_reason()
         if reason is None:
+            # The runtime is here: a load failure is a damaged or incompatible artifact, which no other backend's
+            # numbers may hide. Fallback is for a runtime that is not available.
             backend = cls(cfg, cfg.bench.perf_mode)
-            try:
-                backend.load(artifact)
-                return backend, {"requested_backend": run.backend, "backend": name, "precision_run": precision,
-                                 "artifact": str(artifact), "fallback_reason": "; ".join(reasons) or None}
-            except AntinetError as exc:
-                reason = str(exc)
+            backend.load(artifact)
+            return backend, {"requested_backend": run.backend, "backend": name, "precision_run": precision,
+                             "artifact": str(artifact), "fallback_reason": "; ".join(reasons) or None}
         log.warning("%s unavailable for %s: %s%s", name, key, reason,
                     "; falling back" if name != chain[-1] else "")
         reasons.append(f"{name}: {reason}")

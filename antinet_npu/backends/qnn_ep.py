@@ -32,8 +32,12 @@ class QnnHtpBackend(Backend):
         if not artifact.is_file():
             raise AntinetError(f"{artifact} not found: run `dvc repro compile` first")
         self.signature = Signature.read(artifact)
-        self.session = qnn.session(artifact, self.cfg.target, backend=self.qnn_backend, perf_mode=self.perf_mode,
-                                   allow_cpu_fallback=False)
+        try:
+            self.session = qnn.session(artifact, self.cfg.target, backend=self.qnn_backend,
+                                       perf_mode=self.perf_mode, allow_cpu_fallback=False)
+        except AntinetError as exc:
+            raise AntinetError(f"{exc}: if {artifact.name} or its context binary is damaged, delete them and re-run "
+                               "`dvc repro compile`") from None
 
     def run(self, input_ids: np.ndarray) -> np.ndarray:
         self.check_input(input_ids)
