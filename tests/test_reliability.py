@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import yaml
@@ -111,7 +112,7 @@ def test_sigterm_mid_export_leaves_no_staging_copies(pipeline, tmp_path):
 
 
 def _fill(folder):
-    with open(folder / "filler", "wb") as f:  # the next write hits ENOSPC
+    with open(folder / "filler", "wb", buffering=0) as f:  # unbuffered: closing it writes nothing more
         try:
             while True:
                 f.write(b"\0" * 4096)
@@ -145,3 +146,26 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(pipeline, tmp_path, fo
         assert sorted(p.name for p in target.iterdir()) == sorted([*before, "filler"])
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+def test_bench_logs_are_cached_outputs():
+    """A fresh clone that shares the DVC cache gets them back, so the bench stages are not stale."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = stages["bench"]["do"]["outs"]
+    assert outs == ["logs/bench/${key}.log"]  # a plain entry: cached (no `cache: false`)
+
+
+def test_an_unreachable_hub_is_detected_at_once(monkeypatch):
+    import socket
+
+    from antinet_npu import checkpoint
+
+    def refuse(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = {}
+    monkeypatch.setattr(checkpoint, "_from_pretrained", lambda where, cfg, local_only: seen.update(local=local_only))
+    checkpoint._load_hub(types.SimpleNamespace(source="Qwen/Qwen2-1.5B"))
+    assert seen == {"local": True}  # the local cache only: no retries (transformers would spend ~25 s on them)

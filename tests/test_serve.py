@@ -122,6 +122,8 @@ def test_bad_inputs_and_concurrency(pipeline):
         assert server.request("/api/infer", {"text": "x", "top_k": 0})[0] == 422
         status, body = server.request("/api/infer", {"text": "x", "max_new_tokens": 1000})
         assert status == 422 and "over the limit of 64 (serve.max_new_tokens)" in body["detail"]
+        status, body = server.get("/api/performance/benchmark?seq_lens=" + ",".join(["8"] * 20))
+        assert status == 422 and "at most 8 sequence lengths" in body["detail"]
         for bad in (b'{"text": "a", "top_k": NaN}', b'{"text": "a", "max_new_tokens": Infinity}',
                     b'{"token_ids": ["1", 2]}', b'{"token_ids": [true, 2]}'):
             status, body = server.request("/api/infer", bad)
