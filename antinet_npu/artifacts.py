@@ -136,23 +136,42 @@ def read_metrics(folder: Path) -> dict[str, dict]:
 
 
 def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+    write_texts({path: text})
+
+
+def write_texts(files: dict[Path, str]) -> None:
+    """Write several files all or none: every one to a `.partial` first, renamed only when all are written (a full
+    disk or an interruption leaves the previous set, not a mix)."""
+    staged = []
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:  # disk full, interrupted: no half-written file left behind
-        tmp.unlink(missing_ok=True)
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.partial")
+            staged.append((tmp, path))
+            tmp.write_text(text, encoding="utf-8")
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
         raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    """Metrics as DVC reads them: scalars (and one level of nesting for context such as versions); NaN -> null."""
+    return json_text({k: _clean(v) for k, v in metrics.items()})
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    write_text(path, json_text(data))
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Metrics as DVC reads them: scalars (and one level of nesting for context such as versions); NaN -> null."""
-    write_json(path, {k: _clean(v) for k, v in metrics.items()})
+    write_text(path, metrics_text(metrics))
 
 
 def _clean(value: Any) -> Any:

@@ -31,16 +31,17 @@ def run(cfg: Config) -> dict:
     summary = reporting.summary_markdown(sources)
     report = reporting.benchmark_json(sources, cfg.model.name)
     latency, fidelity = reporting.plot_rows(sources)
-    artifacts.write_text(artifacts.REPORTS / "summary.md", summary)
-    artifacts.write_json(artifacts.REPORTS / "benchmark.json", report)
-    artifacts.write_metrics(artifacts.METRICS / "speedup.json", reporting.speedups(sources))
-    artifacts.write_text(PLOTS / "latency.csv", _csv(latency, ["series", "seq_len", "avg_latency_ms", "emulated"]))
-    artifacts.write_text(PLOTS / "fidelity.csv", _csv(fidelity, ["variant", "size_mb", "top1_agreement", "cosine"]))
-    artifacts.write_text(PLOTS / "generation.csv", _csv(reporting.generation_rows(cfg.model.name),
-                                                        ["series", "run", "prompt_len", "decode_tokens_per_s",
-                                                         "ttft_ms"]))
-    artifacts.write_text(PLOTS / "sensitivity.csv", _csv(reporting.sensitivity_rows(cfg.model.name),
-                                                         ["probe", "group", "rank", "kl", "top1_agreement"]))
+    artifacts.write_texts({  # all or none: a failure leaves the previous report whole
+        artifacts.REPORTS / "summary.md": summary,
+        artifacts.REPORTS / "benchmark.json": artifacts.json_text(report),
+        artifacts.METRICS / "speedup.json": artifacts.metrics_text(reporting.speedups(sources)),
+        PLOTS / "latency.csv": _csv(latency, ["series", "seq_len", "avg_latency_ms", "emulated"]),
+        PLOTS / "fidelity.csv": _csv(fidelity, ["variant", "size_mb", "top1_agreement", "cosine"]),
+        PLOTS / "generation.csv": _csv(reporting.generation_rows(cfg.model.name),
+                                       ["series", "run", "prompt_len", "decode_tokens_per_s", "ttft_ms"]),
+        PLOTS / "sensitivity.csv": _csv(reporting.sensitivity_rows(cfg.model.name),
+                                        ["probe", "group", "rank", "kl", "top1_agreement"]),
+    })
     devices = [s.name for s in sources[1:]]
     log.info("reports/summary.md, reports/benchmark.json (%d benchmarks), reports/plots/ (%d latency points)%s",
              len(report["benchmarks"]), len(latency), f"; device results merged: {', '.join(devices)}" if devices
