@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,10 +42,11 @@ def checkpoint_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory, checkpoint_dir) -> Path:
+def real(tmp_path_factory, checkpoint_dir) -> Iterator[Path]:
     path = make_project(tmp_path_factory.mktemp("real"), [*OVERRIDES, f"model.source={checkpoint_dir}"])
     reproduce(path)
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # about 8 GB of variants and DVC cache: not kept past the module
 
 
 def _metrics(project: Path, name: str) -> dict:
