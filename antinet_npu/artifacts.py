@@ -52,6 +52,23 @@ def genai_dir(model: str, precision: str) -> Path:
     return MODELS / "genai" / f"{model}-{precision}"
 
 
+def run_artifact(model: str, backend: str, precision: str, seq_len: int | None = None) -> tuple[Path, Path]:
+    """What a backend loads for `precision`, and the file that holds its weights: the one place a run's artifact is
+    named. The run lists under conf/ spell the same paths for DVC (its deps must be literal); a test holds them to
+    this function."""
+    if backend == "torch":
+        return pytorch_dir(model), pytorch_dir(model)
+    if backend == "ort-cpu":
+        path = onnx_path(model, precision)
+        return path, external_data(path)
+    if backend == "ort-genai":
+        return genai_dir(model, precision), genai_dir(model, precision)
+    if backend in ("qnn-htp", "qai-appbuilder") and seq_len:
+        path = ctx_path(model, precision, seq_len)
+        return path, path.with_name(path.stem + "_qnn.bin")
+    raise AntinetError(f"no artifact is built for backend {backend!r} at precision {precision!r}")
+
+
 def sensitivity_path(probe: str) -> Path:
     """Per-layer-group damage of a probe (metrics, read back by mixed recipes)."""
     return METRICS / "sensitivity" / f"{probe}.json"

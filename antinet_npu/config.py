@@ -230,6 +230,9 @@ class RecipeConfig:
                                                          "optimisation of scales and zero points; 4 bits only)"))
     eight_bit_nodes: list[str] = field(default_factory=list,
                                        metadata=_help("matmul-nbits 4-bit: MatMul nodes kept at 8 bits (e.g. lm_head)"))
+    fuse_siblings: bool = field(default=True, metadata=_help("matmul-nbits: one MatMulNBits for the MatMuls that read "
+                                                             "the same input (q/k/v, gate/up): same weights, fewer "
+                                                             "kernel calls"))
     mixed: Optional[MixedConfig] = field(default=None, metadata=_help("matmul-nbits / dynamic-int8: keep the most "
                                                                       "sensitive layer groups at higher precision"))
 

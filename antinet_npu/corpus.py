@@ -94,6 +94,14 @@ def windows(tokenizer, docs: list[Document], seq_len: int, count: int, what: str
     return stream[: count * seq_len].reshape(count, seq_len)
 
 
+def generation_prompts(tokenizer, docs: list[Document], length: int, count: int) -> np.ndarray:
+    """Held-out prompts for greedy-continuation checks (evaluate, export-genai): the evaluation text read from its
+    other end, so that they differ from the evaluation windows. Shape (count, length)."""
+    if not count:
+        return np.zeros((0, length), np.int64)
+    return windows(tokenizer, docs[::-1], length, count, "evaluation")
+
+
 def _local_documents(path: Path) -> list[Document]:
     if not path.exists():
         raise AntinetError(f"text source {str(path)!r} does not exist: point text.source at a .txt/.md file or "

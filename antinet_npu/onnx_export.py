@@ -47,40 +47,69 @@ class CausalLMWithCache(torch.nn.Module):
         return (out.logits, *present)
 
 
-GROUPED_ATTENTION = "antinet_grouped"
+class _Reshape(torch.autograd.Function):
+    """`x.reshape(shape)` exported as one Reshape with a constant shape, where 0 keeps the input's dimension
+    (TorchScript's shape inference wants a -1 beside a 0).
+
+    Traced, `x.view(batch, seq, heads, dim)` becomes a Shape -> Gather -> Unsqueeze -> Concat chain per call (about
+    50 small nodes per decoder layer, each run at every decode step); ONNX's 0 needs none of them."""
+
+    @staticmethod
+    def forward(ctx, x, shape: tuple[int, ...]):
+        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape: tuple[int, ...]):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
 
 
-def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager attention for grouped KV heads without `repeat_kv`: each KV head's query heads are stacked along the
-    sequence axis, so K and V are read once instead of being copied to every query head (a copy of the whole
-    past per layer and per decode step in the exported graph). Same arithmetic as transformers' eager attention."""
-    batch, heads, q_len, head_dim = query.shape
-    kv_heads = key.shape[1]
-    groups = query.reshape(batch, kv_heads, heads // kv_heads * q_len, head_dim)  # head i uses KV head i // rep
-    weights = torch.matmul(groups, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        shape = weights.shape
-        weights = (weights.reshape(batch, kv_heads, heads // kv_heads, q_len, -1)
-                   + attention_mask[:, :, None]).reshape(shape)
-    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(weights, value).reshape(batch, heads, q_len, head_dim)
-    return out.transpose(1, 2).contiguous(), None
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2  # static: the head dimension
+    x1, x2 = torch.split(x, half, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def use_grouped_attention(model: torch.nn.Module) -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+def compact_attention(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    """The Qwen2/Llama attention forward, arithmetic unchanged, written for a small exported graph: reshapes with
+    constant shapes (`_Reshape`), and grouped KV heads without `repeat_kv` (each KV head's query heads are stacked
+    along the sequence axis, so K and V are read once instead of being copied to every query head: a copy of the
+    whole past per layer and per step). Bound to each attention module by `use_compact_attention`."""
+    heads, kv_heads, dim = self.config.num_attention_heads, self.config.num_key_value_heads, self.head_dim
+    rep = heads // kv_heads
+    q = _Reshape.apply(self.q_proj(hidden_states), (0, -1, heads, dim)).transpose(1, 2)
+    k = _Reshape.apply(self.k_proj(hidden_states), (0, -1, kv_heads, dim)).transpose(1, 2)
+    v = _Reshape.apply(self.v_proj(hidden_states), (0, -1, kv_heads, dim)).transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx)
+    grouped = _Reshape.apply(q, (0, kv_heads, -1, dim))  # (batch, kv head, rep x new, dim): head i uses i // rep
+    weights = torch.matmul(grouped, k.transpose(2, 3)) * self.scaling
+    if attention_mask is not None:  # (batch, 1, new, total), the same for each of the rep query heads
+        weights = weights + attention_mask.repeat(1, 1, rep, 1)
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = _Reshape.apply(torch.matmul(weights, v), (0, heads, -1, dim)).transpose(1, 2)
+    return self.o_proj(_Reshape.apply(out, (0, -1, heads * dim))), None
 
-    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
-    AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)  # the additive float mask eager attention takes
-    model.set_attn_implementation(GROUPED_ATTENTION)
+
+def use_compact_attention(model: torch.nn.Module) -> int:
+    """Bind `compact_attention` to every Qwen2/Llama-style attention module (q/k/v/o projections, `head_dim`) and
+    give the model the additive float mask eager attention takes. Returns the number of modules."""
+    import types
+
+    model.set_attn_implementation("eager")
+    found = [m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                        "head_dim", "scaling", "layer_idx"))]
+    for module in found:
+        module.forward = types.MethodType(compact_attention, module)
+    return len(found)
 
 
 def export_dynamic(model: torch.nn.Module, out: Path, opset: int, context_length: int) -> Signature:
     """Export the KV-cache graph (dynamic batch, sequence and past axes) to `out` (+ `out.data`).
 
-    Attention is exported as `grouped_attention` (changes `model` in place)."""
-    use_grouped_attention(model)
+    Attention is exported as `compact_attention` (changes `model` in place)."""
+    log.info("compact attention: %d modules", use_compact_attention(model))
     layout = kv_layout(model.config)
     signature = Signature(inputs=("input_ids", "attention_mask", "position_ids", *layout.past_names()),
                           outputs=("logits", *layout.present_names()), mask=PADDING_MASK,

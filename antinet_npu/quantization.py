@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from antinet_npu.artifacts import MODELS, scratch_dir
@@ -85,7 +86,56 @@ def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) ->
     if keep and keep_as == "fp32-compute":
         model = _nbits_pass(model, recipe.bits, recipe.block_size, recipe.symmetric, 1, recipe.algorithm,
                             include=keep)
+    if recipe.fuse_siblings:
+        log.info("one MatMulNBits for each set of siblings: %d nodes fewer", fuse_nbits_siblings(model))
     save(model, out)
+
+
+def fuse_nbits_siblings(model: onnx.ModelProto) -> int:
+    """Merge MatMulNBits nodes that read the same activation with the same settings (q/k/v; gate/up) into one node
+    over their weights concatenated along N, followed by a Split: the same quantized weights (blocks run along K, per
+    output column), one kernel call and one activation quantization instead of three or two. Returns the number of
+    nodes removed."""
+    from onnx import numpy_helper
+
+    weights = {i.name: i for i in model.graph.initializer}
+    attrs = lambda n: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+    siblings: dict[tuple, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if (node.op_type == "MatMulNBits" and 3 <= len(node.input) <= 4
+                and all(x in weights for x in node.input[1:])):
+            key = (node.input[0], len(node.input), *(weights[x].data_type for x in node.input[1:]),
+                   *sorted((k, v) for k, v in attrs(node).items() if k != "N"))
+            siblings.setdefault(key, []).append(node)
+    removed = 0
+    for group in (g for g in siblings.values() if len(g) > 1):
+        sizes = [attrs(n)["N"] for n in group]
+        first = group[0]
+        fused_inputs = [first.input[0]]
+        for slot in range(1, len(first.input)):  # B (N, blocks, blob), scales, zero points: all N-major
+            parts = [numpy_helper.to_array(weights[n.input[slot]]) for n in group]
+            joined = np.concatenate([p.reshape(size, -1) for p, size in zip(parts, sizes)])
+            shape = (sum(sizes), *parts[0].shape[1:]) if parts[0].ndim > 1 and parts[0].shape[0] == sizes[0] \
+                else (joined.size,)
+            name = f"{first.input[slot]}_fused"
+            model.graph.initializer.append(numpy_helper.from_array(joined.reshape(shape), name))
+            fused_inputs.append(name)
+            for n in group:
+                model.graph.initializer.remove(weights.pop(n.input[slot]))
+        fused_out = f"{first.output[0]}_fused"
+        split_sizes = f"{first.name}_fused_split"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), split_sizes))
+        at = list(model.graph.node).index(first)
+        fused = onnx.helper.make_node("MatMulNBits", fused_inputs, [fused_out], name=f"{first.name}_fused",
+                                      domain=first.domain, **{**attrs(first), "N": sum(sizes)})
+        split = onnx.helper.make_node("Split", [fused_out, split_sizes], [n.output[0] for n in group],
+                                      name=f"{first.name}_fused_split", axis=-1)
+        for n in group:
+            model.graph.node.remove(n)
+        model.graph.node.insert(at, split)
+        model.graph.node.insert(at, fused)
+        removed += len(group) - 1
+    return removed
 
 
 def _nbits_pass(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, accuracy_level: int,

@@ -11,8 +11,6 @@ import gc
 import logging
 import time
 
-import numpy as np
-
 from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, generation, onnx_models
 from antinet_npu.config import REFERENCE, Config
 from antinet_npu.provenance import record
@@ -38,9 +36,7 @@ def run(cfg: Config, precision: str) -> dict:
                            "lower evaluate.seq_len")
     docs = corpus.split_documents(cfg.text)["eval"]
     windows = corpus.windows(tokenizer, docs, ev.seq_len, ev.num_samples, "evaluation")
-    # Greedy continuations of held-out prompts: the windows' text read from its other end, so prompts differ
-    prompts = corpus.windows(tokenizer, docs[::-1], ev.prompt_len, ev.gen_prompts, "evaluation") \
-        if ev.gen_prompts else np.zeros((0, ev.prompt_len), np.int64)
+    prompts = corpus.generation_prompts(tokenizer, docs, ev.prompt_len, ev.gen_prompts)
     ref_sig, var_sig = Signature.read(ref_path), Signature.read(var_path)
 
     start = time.perf_counter()

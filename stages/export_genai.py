@@ -48,7 +48,7 @@ def run(cfg: Config, precision: str) -> dict:
         ev = cfg.evaluate
         tokenizer = checkpoint.load_text_tokenizer(snapshot)
         docs = corpus.split_documents(cfg.text)["eval"]
-        prompts = corpus.windows(tokenizer, docs[::-1], ev.prompt_len, max(ev.gen_prompts, 1), "evaluation")
+        prompts = corpus.generation_prompts(tokenizer, docs, ev.prompt_len, max(ev.gen_prompts, 1))
         ours = generation.OrtKvStepper(onnx_models.cpu_session(reference), Signature.read(reference))
         expected = [list(generation.generate(ours, p, ev.gen_tokens)) for p in prompts]
         del ours

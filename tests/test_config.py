@@ -75,3 +75,17 @@ def test_unknown_group_option_lists_the_valid_ones():
 def test_override_of_unknown_key_is_an_error():
     with pytest.raises(AntinetError, match="export.opsett"):
         config.compose(["export.opsett=3"], ROOT / "conf")
+
+
+@pytest.mark.parametrize("group", ["bench/runs=default", "bench/runs=cpu"])
+def test_the_run_lists_name_the_artifacts_that_artifacts_py_names(group):
+    """conf/ spells each run's paths for DVC (deps must be literal); `artifacts.run_artifact` decides them."""
+    from antinet_npu import artifacts
+
+    cfg = config.validate(config.compose([group], ROOT / "conf"), source=group)
+    runs = [*cfg.bench.runs.values(), *cfg.bench.generation.runs.values()]
+    assert runs
+    for run in runs:
+        model, weights = artifacts.run_artifact(cfg.model.name, run.backend, run.precision,
+                                                getattr(run, "seq_len", None))
+        assert (artifacts.MODELS / run.model, artifacts.MODELS / run.weights) == (model, weights), run

@@ -108,7 +108,7 @@ def open_with_fallback(cfg: Config, key: str) -> tuple[Backend, dict]:
             artifact, precision = artifacts.MODELS / run.model, run.precision
         elif name == "ort-cpu":
             precision = cfg.bench.fallback_cpu_precision
-            artifact = artifacts.onnx_path(cfg.model.name, precision)
+            artifact, _ = artifacts.run_artifact(cfg.model.name, name, precision)
         else:
             reasons.append(f"{name}: cannot stand in for {run.backend}")
             continue
