@@ -12,7 +12,7 @@ import torch
 
 from antinet_npu.artifacts import MODELS, scratch_dir
 from antinet_npu.onnx_models import consolidate
-from antinet_npu.signature import ADDITIVE_MASK, PADDING_MASK, KvLayout, Signature
+from antinet_npu.signature import ADDITIVE_MASK, PADDING_MASK, KvLayout, Part, Rope, Signature
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,37 @@ def export_dynamic(model: torch.nn.Module, out: Path, opset: int, context_length
     return signature
 
 
+class _PartCache:
+    """The cache protocol `onnx_export.compact_attention` calls: appends a layer's new keys/values to its past
+    (the graph's inputs) and keeps the new ones (the graph's outputs)."""
+
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.past, self.new = past, {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.new[layer_idx] = (key, value)
+        past_key, past_value = self.past[layer_idx]
+        return torch.cat([past_key, key], dim=-2), torch.cat([past_value, value], dim=-2)
+
+
+class DecoderPart(torch.nn.Module):
+    """A `Part` of a Qwen2/Llama causal LM as a module with the static I/O above (attention: `compact_attention`)."""
+
+    def __init__(self, model: torch.nn.Module, part: Part):
+        super().__init__()
+        self.model, self.part = model, part  # attribute `model`: node names stay /model/model/layers.N/...
+
+    def forward(self, x, attention_mask, cos, sin, *past):
+        inner, part = self.model.model, self.part
+        hidden = inner.embed_tokens(x) if part.embeds else x
+        cache = _PartCache({layer: (past[2 * i], past[2 * i + 1]) for i, layer in enumerate(part.layers)})
+        for layer in part.layers:
+            hidden = inner.layers[layer](hidden, attention_mask=attention_mask, position_embeddings=(cos, sin),
+                                         cache=cache)
+        out = self.model.lm_head(inner.norm(hidden)) if part.head else hidden
+        return (out, *(t for layer in part.layers for t in cache.new[layer]))
+
+
 class StaticCausalLM(torch.nn.Module):
     """(input_ids, additive float mask (1, 1, S, S), position_ids) -> logits: the NPU-friendly form.
 
@@ -227,3 +258,29 @@ def _to_qdq_opset(src: Path, dst: Path) -> None:
     del model.opset_import[:]
     model.opset_import.extend(kept)
     onnx.save_model(model, str(dst))
+
+
+def export_part(model: torch.nn.Module, part: Part, out: Path, prefill_len: int, context_length: int, opset: int,
+                mask_value: float) -> Signature:
+    """One static generation graph (see `static_llm`): `part` of `model` taking `prefill_len` tokens per call over
+    a context of `context_length`. Call `use_compact_attention` (and `fuse_rmsnorm` if wanted) on `model` first."""
+    layout = kv_layout(model.config)
+    ar, past_len = prefill_len, context_length - prefill_len
+    first = (torch.zeros((1, ar), dtype=torch.int64) if part.embeds
+             else torch.zeros((1, ar, model.config.hidden_size)))
+    sample = (first, torch.zeros((1, 1, ar, context_length)), torch.ones((1, ar, layout.head_dim)),
+              torch.zeros((1, ar, layout.head_dim)),
+              *(torch.zeros((1, layout.kv_heads, past_len, layout.head_dim)) for _ in range(2 * part.num_layers)))
+    signature = Signature(inputs=tuple(part.input_names()), outputs=tuple(part.output_names()), mask=ADDITIVE_MASK,
+                          context_length=context_length, seq_len=ar, mask_value=mask_value, kv=layout, part=part,
+                          rope=Rope.of(model))
+    with scratch_dir(MODELS, "export") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad():
+            torch.onnx.export(DecoderPart(model, part), sample, str(raw), dynamo=False,
+                              input_names=list(signature.inputs), output_names=list(signature.outputs),
+                              opset_version=opset, custom_opsets={_PRIVATE_DOMAIN: 1})
+        _to_qdq_opset(raw, Path(tmp) / "converted.onnx")
+        consolidate(Path(tmp) / "converted.onnx", out)
+    return signature

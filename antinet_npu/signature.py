@@ -40,6 +40,59 @@ class KvLayout:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One graph's share of the model: decoder layers [first_layer, first_layer + num_layers), plus the embedding
+    (first part) and the final norm + lm_head (last part)."""
+
+    index: int
+    count: int
+    first_layer: int
+    num_layers: int
+
+    @property
+    def embeds(self) -> bool:
+        return self.index == 0
+
+    @property
+    def head(self) -> bool:
+        return self.index == self.count - 1
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.first_layer + self.num_layers)
+
+    def input_names(self) -> list[str]:
+        first = "input_ids" if self.embeds else "hidden_states"
+        return [first, "attention_mask", "position_cos", "position_sin",
+                *(f"past_{kind}_{layer}_in" for layer in self.layers for kind in ("key", "value"))]
+
+    def output_names(self) -> list[str]:
+        first = "logits" if self.head else "hidden_states_out"
+        return [first, *(f"past_{kind}_{layer}_out" for layer in self.layers for kind in ("key", "value"))]
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary tables on the host: cos/sin of position x inv_freq, halves repeated (Qwen2/Llama layout), scaled."""
+
+    inv_freq: tuple[float, ...]
+    scaling: float = 1.0
+
+    @classmethod
+    def of(cls, model) -> Rope:
+        """The tables of a transformers Qwen2/Llama model (its rotary module's inv_freq, with any scaling in it)."""
+        rotary = model.model.rotary_emb
+        return cls(tuple(float(f) for f in rotary.inv_freq), float(getattr(rotary, "attention_scaling", 1.0)))
+
+    def tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(AR,) positions -> cos, sin of shape (1, AR, head_dim), float32."""
+        angles = np.asarray(positions, np.float64)[:, None] * np.asarray(self.inv_freq, np.float64)[None]
+        angles = np.concatenate([angles, angles], axis=-1)
+        cos, sin = np.cos(angles) * self.scaling, np.sin(angles) * self.scaling
+        return cos[None].astype(np.float32), sin[None].astype(np.float32)
+
+
+@dataclass(frozen=True)
 class Signature:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -48,10 +101,13 @@ class Signature:
     seq_len: int | None = None       # fixed tokens per call (static graphs), None when dynamic
     mask_value: float | None = None  # ADDITIVE_MASK: what hides a position
     kv: KvLayout | None = None       # None: no cache (one pass over the whole sequence)
+    part: Part | None = None         # static generation graphs: which share of the model (static_llm)
+    rope: Rope | None = None         # static generation graphs: the rotary tables the host computes
 
     @property
     def can_generate(self) -> bool:
-        return self.kv is not None
+        """One graph that generates on its own (a part needs the others and the host loop of static_llm)."""
+        return self.kv is not None and self.part is None
 
     def write(self, artifact: Path) -> None:
         from antinet_npu.artifacts import write_json
@@ -66,9 +122,13 @@ class Signature:
                                f"{artifact.name} (`dvc repro`)")
         try:
             data = json.loads(path.read_text())
-            kv = KvLayout(**data.pop("kv")) if data.get("kv") else None
-            data.pop("kv", None)
-            return cls(**{**data, "inputs": tuple(data["inputs"]), "outputs": tuple(data["outputs"]), "kv": kv})
+            nested = {"kv": KvLayout, "part": Part, "rope": Rope}
+            for key, kind in nested.items():
+                value = data.pop(key, None)
+                data[key] = kind(**value) if value else None
+            if data["rope"] is not None:
+                data["rope"] = Rope(tuple(data["rope"].inv_freq), data["rope"].scaling)
+            return cls(**{**data, "inputs": tuple(data["inputs"]), "outputs": tuple(data["outputs"])})
         except (ValueError, TypeError, KeyError) as exc:
             raise AntinetError(f"{path} is damaged ({exc}): delete it and re-run `dvc repro`") from None
 

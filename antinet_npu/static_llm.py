@@ -1,0 +1,119 @@
+"""Static generation graphs for the NPU and the host loop that runs them.
+
+HTP runs static shapes only, so generation takes two graphs per part of the model, as Qualcomm AI Hub builds them:
+AR-N (N prompt tokens per call) and AR-1 (one token), both over a fixed context CL. A part holds the embedding and/or
+a range of decoder layers and/or the final norm and lm_head, so that each graph stays under HTP's per-graph limit.
+
+Per call, a part takes: `input_ids` (1, AR) int64 (first part) or `hidden_states` (1, AR, hidden); an additive float
+mask (1, 1, AR, CL) over [CL - AR past slots | AR new slots]; the rotary tables `position_cos` / `position_sin`
+(1, AR, head_dim), computed on the host; per layer l of the part `past_key_{l}_in` / `past_value_{l}_in`
+(1, kv_heads, CL - AR, head_dim). It gives `logits` (1, AR, vocab) (last part) or `hidden_states_out`, and only the AR
+new entries `past_key_{l}_out` / `past_value_{l}_out` (1, kv_heads, AR, head_dim). The host keeps the cache, places it
+right-aligned in the past slots and marks the empty ones in the mask (`StaticStepper`).
+
+Keys are stored like values, (heads, length, dim), not transposed as AI Hub stores them: the emulator here cannot
+time HTP, so there is no measurement to justify a second layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from antinet_npu import AntinetError
+from antinet_npu.signature import Part, Rope
+
+
+def plan_parts(num_layers: int, parts: int) -> list[Part]:
+    """Split `num_layers` decoder layers into `parts` contiguous ranges as even as possible (earlier parts take the
+    extra layer; the first part also holds the embedding, the last the lm_head)."""
+    if not 1 <= parts <= num_layers:
+        raise AntinetError(f"the model has {num_layers} decoder layers: compile.generation.parts must be 1.."
+                           f"{num_layers}, got {parts}")
+    sizes = [num_layers // parts + (i < num_layers % parts) for i in range(parts)]
+    starts = np.cumsum([0, *sizes[:-1]])
+    return [Part(i, parts, int(s), n) for i, (s, n) in enumerate(zip(starts, sizes))]
+
+
+class StaticStepper:
+    """Generation over static AR-N / AR-1 part graphs (`generation.Stepper`).
+
+    `prefill_parts` / `decode_parts`: one callable per part, feeds -> outputs (in `Part.output_names` order), for the
+    AR-N and the AR-1 graphs. The prompt is left-padded to a multiple of N and run N tokens per call; every new
+    key/value of a real token is kept; a call sees the cache right-aligned in its CL - AR past slots."""
+
+    def __init__(self, parts: Sequence[Part], prefill_parts: Sequence[Callable], decode_parts: Sequence[Callable],
+                 prefill_len: int, context_length: int, kv_heads: int, head_dim: int, rope: Rope,
+                 mask_value: float):
+        self.parts, self.graphs = list(parts), {prefill_len: list(prefill_parts), 1: list(decode_parts)}
+        self.prefill_len, self.context_length = prefill_len, context_length
+        self.kv_heads, self.head_dim, self.rope, self.mask_value = kv_heads, head_dim, rope, mask_value
+        self.keys: dict[int, np.ndarray] = {}
+        self.values: dict[int, np.ndarray] = {}
+        self.length = 0
+
+    @property
+    def max_prompt(self) -> int:
+        return self.context_length - self.prefill_len
+
+    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        prompt = np.asarray(prompt, np.int64).reshape(-1)
+        ar = self.prefill_len
+        pad = (-prompt.size) % ar
+        if prompt.size + pad > self.context_length:
+            raise AntinetError(f"a prompt of {prompt.size} tokens takes {prompt.size + pad} positions in AR-{ar} "
+                               f"chunks; the context holds {self.context_length} (compile.generation.context_length)")
+        self.keys = {layer: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+                     for p in self.parts for layer in p.layers}
+        self.values = {k: v.copy() for k, v in self.keys.items()}
+        self.length = 0
+        padded = np.concatenate([np.zeros(pad, np.int64), prompt])
+        real = np.concatenate([np.zeros(pad, bool), np.ones(prompt.size, bool)])
+        logits = None
+        for start in range(0, padded.size, ar):
+            logits = self._run(padded[start:start + ar], real[start:start + ar])
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._run(np.array([token], np.int64), np.ones(1, bool))
+
+    def _run(self, ids: np.ndarray, real: np.ndarray) -> np.ndarray:
+        ar = ids.size
+        past_len = self.context_length - ar
+        if self.length > past_len:
+            raise AntinetError(f"{self.length} cached positions exceed the {past_len} past slots of the AR-{ar} "
+                               f"graph (context {self.context_length}): shorten the prompt or max_new_tokens")
+        positions = self.length + np.cumsum(real) - 1
+        cos, sin = self.rope.tables(np.maximum(positions, 0))
+        feeds = {"attention_mask": self._mask(real, past_len), "position_cos": cos, "position_sin": sin}
+        x = ids[None]
+        for part, graph in zip(self.parts, self.graphs[ar]):
+            part_feeds = {("input_ids" if part.embeds else "hidden_states"): x, **feeds}
+            for layer in part.layers:
+                part_feeds[f"past_key_{layer}_in"] = self._slots(self.keys[layer], past_len)
+                part_feeds[f"past_value_{layer}_in"] = self._slots(self.values[layer], past_len)
+            out = dict(zip(part.output_names(), graph(part_feeds)))
+            x = out["logits" if part.head else "hidden_states_out"]
+            for layer in part.layers:  # keep the real tokens' new entries
+                self.keys[layer] = np.concatenate([self.keys[layer], out[f"past_key_{layer}_out"][:, :, real]], 2)
+                self.values[layer] = np.concatenate([self.values[layer], out[f"past_value_{layer}_out"][:, :, real]],
+                                                    2)
+        self.length += int(real.sum())
+        return np.asarray(x[0, -1], np.float32)
+
+    def _slots(self, cache: np.ndarray, past_len: int) -> np.ndarray:
+        slots = np.zeros((1, self.kv_heads, past_len, self.head_dim), np.float32)
+        if self.length:
+            slots[:, :, past_len - self.length:] = cache
+        return slots
+
+    def _mask(self, real: np.ndarray, past_len: int) -> np.ndarray:
+        """(1, 1, AR, CL): a query sees the filled past slots, and the new real tokens up to itself."""
+        ar = real.size
+        mask = np.full((ar, past_len + ar), self.mask_value, np.float32)
+        mask[:, past_len - self.length:past_len] = 0.0
+        visible = np.tril(np.ones((ar, ar), bool)) & real[None, :]
+        visible |= np.eye(ar, dtype=bool)  # a padding row sees itself: no row is all masked (its output is dropped)
+        mask[:, past_len:][visible] = 0.0
+        return mask[None, None]
