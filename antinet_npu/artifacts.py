@@ -47,6 +47,15 @@ def ctx_path(model: str, precision: str, seq_len: int) -> Path:
     return MODELS / "qnn" / f"{model}-{precision}-s{seq_len}_ctx.onnx"
 
 
+def npu_gen_dir(model: str) -> Path:
+    """The NPU's FP32 generation graphs (static_llm): every part at AR-N and AR-1, signatures beside them."""
+    return MODELS / "npu-gen" / model
+
+
+def npu_gen_part(model: str, ar: int, index: int) -> Path:
+    return npu_gen_dir(model) / f"ar{ar}-part{index}.onnx"
+
+
 def genai_dir(model: str, precision: str) -> Path:
     """onnxruntime-genai model folder (model.onnx, genai_config.json, tokenizer) built by its model builder."""
     return MODELS / "genai" / f"{model}-{precision}"

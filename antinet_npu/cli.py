@@ -26,6 +26,8 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                     [("--probe", dict(required=True, help="a key of sensitivity.probes, e.g. int8-block"))]),
     "export-npu": ("PyTorch snapshot -> static-shape graph models/npu/<model>-s<S>.onnx for the NPU",
                    [("--seq-len", dict(required=True, type=int, help="static sequence length, e.g. 128"))]),
+    "export-npu-gen": ("PyTorch snapshot -> the NPU's generation graphs models/npu-gen/<model>/ (AR-N prefill and "
+                       "AR-1 decode per part, over a fixed context), checked against PyTorch greedy generation", []),
     "compile": ("static graph -> QDQ -> QNN context binary models/qnn/<model>-<precision>-s<S>_ctx.onnx + .bin, "
                 "verified on the QNN HTP backend",
                 [("--precision", dict(required=True, help="a key of compile.recipes, e.g. w8a16")),

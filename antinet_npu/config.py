@@ -394,6 +394,29 @@ class QdqRecipeConfig:
 
 
 @dataclass
+class GenerationGraphsConfig:
+    """The NPU's generation graphs (static_llm): AR-N prefill and AR-1 decode over a fixed context, in parts."""
+
+    prefill_len: int = field(default=32, metadata=_help("AR-N: prompt tokens per prefill call (128 for Qwen2-1.5B)"))
+    context_length: int = field(default=256, metadata=_help("CL: positions a graph sees, past slots + new tokens"))
+    parts: int = field(default=2, metadata=_help("graphs the decoder is cut into (embedding in the first, lm_head in "
+                                                 "the last, decoder layers split evenly)"))
+    max_part_mb: float = field(default=1536.0, metadata=_help("per-graph bound on 8-bit weight bytes (HTP allocates at "
+                                                              "most 2048 MB per graph, activations included)"))
+    precisions: list[str] = field(default_factory=list, metadata=_help("QDQ recipes (compile.recipes) to compile "
+                                                                       "the parts with (matrix)"))
+
+    def check(self) -> None:
+        _require(self.prefill_len > 1, f"compile.generation.prefill_len must be > 1 (the decode graph is AR-1), got "
+                                       f"{self.prefill_len}")
+        _require(self.context_length > self.prefill_len,
+                 f"compile.generation.context_length ({self.context_length}) must exceed prefill_len "
+                 f"({self.prefill_len})")
+        _require(self.parts >= 1 and self.max_part_mb > 0,
+                 f"compile.generation.parts must be >= 1 and max_part_mb > 0, got {self.parts} and {self.max_part_mb}")
+
+
+@dataclass
 class CompileConfig:
     precisions: list[str] = field(default_factory=list, metadata=_help("QDQ recipes to compile (matrix)"))
     seq_lens: list[int] = field(default_factory=list, metadata=_help("static sequence lengths (matrix)"))
@@ -407,8 +430,12 @@ class CompileConfig:
     allow_cpu_fallback: bool = field(default=False, metadata=_help("accept compute nodes outside the context"))
     mode: str = field(default="fail", metadata=_help("fail | warn when under the fidelity gate"))
     gates: dict[str, GateConfig] = field(default_factory=dict)
+    generation: GenerationGraphsConfig = field(default_factory=GenerationGraphsConfig)
 
     def check(self) -> None:
+        for name in self.generation.precisions:
+            _require(name in self.recipes, f"compile.generation.precisions lists unknown precision {name!r}: valid "
+                                           f"ones are {', '.join(self.recipes)}")
         for name in self.precisions:
             _require(name in self.recipes, f"compile.precisions lists unknown precision {name!r}: valid ones are "
                      f"{', '.join(self.recipes)} (add a recipe under compile.recipes)")

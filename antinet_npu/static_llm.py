@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from antinet_npu import AntinetError
-from antinet_npu.signature import Part, Rope
+from antinet_npu.signature import Part, Signature
 
 
 def plan_parts(num_layers: int, parts: int) -> list[Part]:
@@ -39,16 +39,20 @@ def plan_parts(num_layers: int, parts: int) -> list[Part]:
 class StaticStepper:
     """Generation over static AR-N / AR-1 part graphs (`generation.Stepper`).
 
-    `prefill_parts` / `decode_parts`: one callable per part, feeds -> outputs (in `Part.output_names` order), for the
-    AR-N and the AR-1 graphs. The prompt is left-padded to a multiple of N and run N tokens per call; every new
-    key/value of a real token is kept; a call sees the cache right-aligned in its CL - AR past slots."""
+    `signatures`: the AR-N graphs' signatures, one per part in order. `prefill` / `decode`: one callable per part,
+    feeds -> outputs (in `Part.output_names` order), running the AR-N and the AR-1 graph. The prompt is left-padded
+    to a multiple of N and run N tokens per call; every new key/value of a real token is kept; a call sees the cache
+    right-aligned in its CL - AR past slots."""
 
-    def __init__(self, parts: Sequence[Part], prefill_parts: Sequence[Callable], decode_parts: Sequence[Callable],
-                 prefill_len: int, context_length: int, kv_heads: int, head_dim: int, rope: Rope,
-                 mask_value: float):
-        self.parts, self.graphs = list(parts), {prefill_len: list(prefill_parts), 1: list(decode_parts)}
-        self.prefill_len, self.context_length = prefill_len, context_length
-        self.kv_heads, self.head_dim, self.rope, self.mask_value = kv_heads, head_dim, rope, mask_value
+    def __init__(self, signatures: Sequence[Signature], prefill: Sequence[Callable], decode: Sequence[Callable]):
+        first = signatures[0]
+        if first.part is None or first.rope is None or first.kv is None or first.seq_len is None:
+            raise AntinetError("these graphs are not static generation parts: re-run `dvc repro export-npu-gen`")
+        self.parts = [s.part for s in signatures]
+        self.prefill_len, self.context_length = first.seq_len, first.context_length
+        self.graphs = {self.prefill_len: list(prefill), 1: list(decode)}
+        self.kv_heads, self.head_dim, self.rope = first.kv.kv_heads, first.kv.head_dim, first.rope
+        self.mask_value = first.mask_value
         self.keys: dict[int, np.ndarray] = {}
         self.values: dict[int, np.ndarray] = {}
         self.length = 0

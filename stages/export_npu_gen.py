@@ -1,0 +1,118 @@
+"""Stage `export-npu-gen`: snapshot -> the NPU's static generation graphs, `models/npu-gen/<model>/`.
+
+Per part (compile.generation.parts: embedding in the first, decoder layers split evenly, lm_head in the last) an
+AR-N prefill graph and an AR-1 decode graph over the context CL (see `static_llm`). Each part's weights are counted
+before anything is written: a part over compile.generation.max_part_mb (at 8-bit weights) is refused. Checked before
+it is kept: prefill + decode through the FP32 parts on the CPU give PyTorch generate()'s greedy tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+import torch
+
+from antinet_npu import AntinetError, artifacts, checkpoint, fidelity, generation, onnx_export, onnx_models
+from antinet_npu.config import Config
+from antinet_npu.provenance import record
+from antinet_npu.signature import Part, Signature
+from antinet_npu.stages.export import greedy_reference, validation_prompts
+from antinet_npu.static_llm import StaticStepper, plan_parts
+
+log = logging.getLogger("export-npu-gen")
+
+
+def part_params(model: torch.nn.Module, part: Part) -> int:
+    """Weights a part's graph holds (a tied embedding counts in both the first and the last part)."""
+    inner = model.model
+    modules = [inner.layers[i] for i in part.layers]
+    if part.embeds:
+        modules.append(inner.embed_tokens)
+    if part.head:
+        modules += [inner.norm, model.lm_head]
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def cpu_stepper(model: str, folder, count: int, prefill_len: int) -> StaticStepper:
+    """The host loop over the `count` FP32 parts of `model` in `folder`, on onnxruntime's CPU EP."""
+    def graphs(ar):
+        paths = [folder / artifacts.npu_gen_part(model, ar, i).name for i in range(count)]
+        return [Signature.read(p) for p in paths], [_runner(onnx_models.cpu_session(p)) for p in paths]
+
+    signatures, prefill = graphs(prefill_len)
+    return StaticStepper(signatures, prefill, graphs(1)[1])
+
+
+def _runner(session):
+    return lambda feeds: session.run(None, feeds)
+
+
+def run(cfg: Config) -> dict:
+    start = time.perf_counter()
+    gen = cfg.compile.generation
+    snapshot = artifacts.pytorch_dir(cfg.model.name)
+    model = checkpoint.load_snapshot(snapshot)
+    tokenizer, positions = checkpoint.load_text_tokenizer(snapshot), checkpoint.max_positions(model.config)
+    if gen.context_length > positions:
+        raise AntinetError(f"compile.generation.context_length {gen.context_length} exceeds the model's "
+                           f"{positions} positions: lower it")
+    parts = plan_parts(model.config.num_hidden_layers, gen.parts)
+    sizes = [part_params(model, p) for p in parts]
+    for part, n in zip(parts, sizes):
+        if n / 1e6 > gen.max_part_mb:
+            raise AntinetError(f"part {part.index} (layers {part.first_layer}-{part.first_layer + part.num_layers - 1}"
+                               f") holds {n / 1e6:.0f} MB of 8-bit weights, over compile.generation.max_part_mb "
+                               f"{gen.max_part_mb:g}: raise compile.generation.parts (now {gen.parts})")
+    prompts = validation_prompts(cfg, tokenizer, gen.context_length)
+    with torch.no_grad():
+        greedy = greedy_reference(model, prompts, cfg.export.validate_new_tokens)
+    onnx_export.use_compact_attention(model)
+    if cfg.compile.rmsnorm == "fused":
+        onnx_export.fuse_rmsnorm(model)
+    out = artifacts.npu_gen_dir(cfg.model.name)
+    log.info("exporting %d parts x (AR-%d, AR-1) over a context of %d to %s", len(parts), gen.prefill_len,
+             gen.context_length, out)
+    with artifacts.staged_dir(out) as tmp:
+        for ar in (gen.prefill_len, 1):
+            for part in parts:
+                path = tmp / artifacts.npu_gen_part(cfg.model.name, ar, part.index).name
+                onnx_export.export_part(model, part, path, ar, gen.context_length, cfg.compile.opset,
+                                        cfg.compile.mask_value).write(path)
+                log.info("  %s (%.1f MB)", path.name, artifacts.onnx_size_mb(path))
+        export_seconds = time.perf_counter() - start
+        with torch.no_grad():  # the last logits of each prompt, for the record
+            expected = [model(input_ids=torch.from_numpy(p[None])).logits[0, -1].numpy() for p in prompts]
+        del model
+        gc.collect()
+        stepper = cpu_stepper(cfg.model.name, tmp, len(parts), gen.prefill_len)
+        got = [stepper.prefill(p) for p in prompts]
+        error = fidelity.export_error((g[None], e[None], None) for g, e in zip(got, expected)) if prompts.size \
+            else {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "top1_equal": 1.0}
+        fidelity.check_export(error, cfg.export.max_rel_diff, cfg.export.min_top1, "the static generation parts",
+                              "check compile.mask_value")
+        for prompt, ref in zip(prompts, greedy):
+            tokens = list(generation.generate(stepper, prompt, len(ref)))
+            if tokens != ref:
+                first = next(i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b)
+                raise AntinetError(f"greedy generation through the static parts departs from PyTorch generate() at "
+                                   f"new token {first} of {len(ref)}: the KV slots or the mask are wired wrong")
+        del stepper
+    metrics = record(model=cfg.model.name, prefill_len=gen.prefill_len, context_length=gen.context_length,
+                     opset=cfg.compile.opset, rmsnorm=cfg.compile.rmsnorm, num_parts=len(parts),
+                     parts={f"part{p.index}": {"first_layer": p.first_layer, "num_layers": p.num_layers,
+                             "embedding": p.embeds, "lm_head": p.head, "params": n,
+                             "weight_mb_8bit": round(n / 1e6, 3),
+                             "size_mb": {f"ar{ar}": round(artifacts.onnx_size_mb(out / artifacts.npu_gen_part(
+                                 cfg.model.name, ar, p.index).name), 3) for ar in (gen.prefill_len, 1)}}
+                            for p, n in zip(parts, sizes)},
+                     max_part_mb=gen.max_part_mb, **error, greedy_prompts_equal=len(prompts),
+                     greedy_new_tokens=cfg.export.validate_new_tokens, export_seconds=round(export_seconds, 2),
+                     seconds=round(time.perf_counter() - start, 2))
+    artifacts.write_metrics(artifacts.METRICS / "export-npu-gen.json", metrics)
+    log.info("%s: %d parts, largest %.0f MB of 8-bit weights; greedy generation equal to PyTorch on %d prompts x %d "
+             "tokens, in %.1f s", out, len(parts), max(sizes) / 1e6, len(prompts), cfg.export.validate_new_tokens,
+             metrics["seconds"])
+    return metrics
+

@@ -1,0 +1,98 @@
+"""The NPU's generation graphs (static_llm): AR-N / AR-1 parts over a fixed context, on the builtin model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from antinet_npu import AntinetError, artifacts, checkpoint, generation, onnx_export, static_llm
+from antinet_npu.onnx_models import cpu_session
+from antinet_npu.signature import Signature
+from conftest import error_line
+
+AR, CL = 8, 64
+
+
+def _stepper(model, folder, count: int) -> static_llm.StaticStepper:
+    """Export `model` in `count` parts (AR-8 and AR-1 over 64 positions) to `folder`; the host loop over them."""
+    graphs = {}
+    for ar in (AR, 1):
+        for part in static_llm.plan_parts(model.config.num_hidden_layers, count):
+            path = folder / f"ar{ar}-part{part.index}.onnx"
+            onnx_export.export_part(model, part, path, ar, CL, 17, -100.0).write(path)
+            session = cpu_session(path)
+            graphs.setdefault(ar, []).append((Signature.read(path), lambda f, s=session: s.run(None, f)))
+    return static_llm.StaticStepper([s for s, _ in graphs[AR]], [g for _, g in graphs[AR]],
+                                    [g for _, g in graphs[1]])
+
+
+def _model(pipeline):
+    model = checkpoint.load_snapshot(pipeline.path / "models/pytorch/tiny-qwen2")
+    onnx_export.use_compact_attention(model)
+    return model
+
+
+@pytest.mark.slow
+def test_stage_checks_the_parts_against_pytorch_greedy(pipeline):
+    m = json.loads((pipeline.path / "metrics/export-npu-gen.json").read_text())
+    assert m["greedy_prompts_equal"] == 3 and m["greedy_new_tokens"] == 32 and m["num_parts"] == 2
+    assert m["max_rel_diff"] <= 1e-3 and m["parts"]["part0"]["embedding"] and m["parts"]["part1"]["lm_head"]
+    folder = pipeline.path / artifacts.npu_gen_dir("tiny-qwen2")
+    assert sorted(p.name for p in folder.glob("*.onnx")) == ["ar1-part0.onnx", "ar1-part1.onnx", "ar32-part0.onnx",
+                                                            "ar32-part1.onnx"]
+    signature = Signature.read(folder / "ar32-part1.onnx")
+    assert signature.seq_len == 32 and signature.context_length == 256 and signature.part.head
+    assert signature.inputs[:4] == ("hidden_states", "attention_mask", "position_cos", "position_sin")
+
+
+@pytest.mark.slow
+def test_split_gives_the_logits_of_the_whole_and_of_pytorch(pipeline, tmp_path):
+    model = _model(pipeline)
+    reference = checkpoint.load_snapshot(pipeline.path / "models/pytorch/tiny-qwen2")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "four").mkdir()
+    whole, split = _stepper(model, tmp_path / "one", 1), _stepper(model, tmp_path / "four", 4)
+    prompt = np.random.default_rng(0).integers(0, 2000, 2 * AR + 5)  # three AR-8 chunks, the first left-padded
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(prompt[None])).logits[0, -1].numpy()
+    got_whole, got_split = whole.prefill(prompt), split.prefill(prompt)
+    scale = np.abs(expected).max()
+    assert np.abs(got_split - got_whole).max() <= 1e-5 * scale
+    assert np.abs(got_whole - expected).max() <= 1e-4 * scale
+    # decode through AR-1 equals PyTorch greedy generation
+    reference.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ids = torch.from_numpy(prompt[None])
+        greedy = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                    pad_token_id=0)[0, prompt.size:].tolist()
+    assert list(generation.generate(split, prompt, 12)) == greedy
+    # a prompt that does not fit the context in AR-sized chunks
+    with pytest.raises(AntinetError, match="the context holds 64"):
+        split.prefill(np.ones(CL + 1, np.int64))
+
+
+def test_parts_are_planned_evenly_and_bounded():
+    parts = static_llm.plan_parts(28, 4)
+    assert [(p.first_layer, p.num_layers) for p in parts] == [(0, 7), (7, 7), (14, 7), (21, 7)]
+    assert parts[0].embeds and not parts[0].head and parts[-1].head
+    assert [p.num_layers for p in static_llm.plan_parts(5, 2)] == [3, 2]
+    with pytest.raises(AntinetError, match="parts must be 1..4, got 5"):
+        static_llm.plan_parts(4, 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,expected", [
+    ("compile.generation.max_part_mb=1", "over compile.generation.max_part_mb 1: raise compile.generation.parts"),
+    ("compile.generation.parts=9", "parts must be 1..4, got 9"),
+    ("compile.generation.context_length=100000", "exceeds the model's 512 positions"),
+    ("compile.generation.prefill_len=256", "context_length (256) must exceed prefill_len (256)"),
+])
+def test_bad_generation_graph_settings_are_one_line(pipeline, override, expected):
+    folder = pipeline.path / artifacts.npu_gen_dir("tiny-qwen2")
+    before = sorted(p.name for p in folder.iterdir())
+    line = error_line(pipeline.cli("export-npu-gen", override), "export-npu-gen")
+    assert expected in line, line
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written over the built parts
