@@ -59,6 +59,16 @@ def greedy_reference(model, prompts: np.ndarray, new_tokens: int) -> list[list[i
     return out
 
 
+def check_greedy(stepper, prompts: np.ndarray, greedy: list[list[int]], what: str, hint: str) -> None:
+    """Greedy generation through `stepper` must give PyTorch's tokens (`greedy_reference`) for every prompt."""
+    for prompt, ref in zip(prompts, greedy):
+        got = list(generation.generate(stepper, prompt, len(ref)))
+        if got != ref:
+            first = next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b)
+            raise AntinetError(f"greedy generation through {what} departs from PyTorch generate() at new token "
+                               f"{first} of {len(ref)}: {hint}")
+
+
 def run(cfg: Config) -> dict:
     start = time.perf_counter()
     snapshot = artifacts.pytorch_dir(cfg.model.name)
@@ -84,12 +94,7 @@ def run(cfg: Config) -> dict:
         fidelity.check_export(error, cfg.export.max_rel_diff, cfg.export.min_top1, "the exported ONNX model",
                               "try another export.opset")
         stepper = generation.OrtKvStepper(session, signature)
-        for prompt, ref in zip(prompts, greedy):
-            got = list(generation.generate(stepper, prompt, len(ref)))
-            if got != ref:
-                first = next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b)
-                raise AntinetError(f"greedy generation through the exported KV cache departs from PyTorch generate() "
-                                   f"at new token {first} of {len(ref)}: the cache inputs/outputs are wired wrong")
+        check_greedy(stepper, prompts, greedy, "the exported KV cache", "the cache inputs/outputs are wired wrong")
         del session, stepper
         signature.write(tmp / out.name)
     metrics = record(model=cfg.model.name, opset=cfg.export.opset, kv_cache=True, **error,

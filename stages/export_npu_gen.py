@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from antinet_npu import AntinetError, artifacts, checkpoint, fidelity, generation, onnx_export, onnx_models
+from antinet_npu import AntinetError, artifacts, checkpoint, fidelity, onnx_export, onnx_models
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 from antinet_npu.signature import Part, Signature
-from antinet_npu.stages.export import greedy_reference, validation_prompts
+from antinet_npu.stages.export import check_greedy, greedy_reference, validation_prompts
 from antinet_npu.static_llm import StaticStepper, plan_parts
 
 log = logging.getLogger("export-npu-gen")
@@ -92,12 +92,7 @@ def run(cfg: Config) -> dict:
             else {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "top1_equal": 1.0}
         fidelity.check_export(error, cfg.export.max_rel_diff, cfg.export.min_top1, "the static generation parts",
                               "check compile.mask_value")
-        for prompt, ref in zip(prompts, greedy):
-            tokens = list(generation.generate(stepper, prompt, len(ref)))
-            if tokens != ref:
-                first = next(i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b)
-                raise AntinetError(f"greedy generation through the static parts departs from PyTorch generate() at "
-                                   f"new token {first} of {len(ref)}: the KV slots or the mask are wired wrong")
+        check_greedy(stepper, prompts, greedy, "the static parts", "the KV slots or the mask are wired wrong")
         del stepper
     metrics = record(model=cfg.model.name, prefill_len=gen.prefill_len, context_length=gen.context_length,
                      opset=cfg.compile.opset, rmsnorm=cfg.compile.rmsnorm, num_parts=len(parts),
