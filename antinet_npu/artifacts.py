@@ -56,6 +56,21 @@ def npu_gen_part(model: str, ar: int, index: int) -> Path:
     return npu_gen_dir(model) / f"ar{ar}-part{index}.onnx"
 
 
+def qnn_gen_dir(model: str, precision: str) -> Path:
+    """The compiled generation parts: QDQ graphs, the shared context binaries for the device (one .bin per part,
+    AR-N and AR-1 wrappers), and under verify/ the unshared ones the x86_64 emulator runs."""
+    return MODELS / "qnn-gen" / f"{model}-{precision}"
+
+
+def qnn_gen_qdq(folder: Path, ar: int, index: int) -> Path:
+    return folder / f"ar{ar}-part{index}-qdq.onnx"
+
+
+def qnn_gen_ctx(folder: Path, ar: int, index: int, verify: bool = False) -> Path:
+    """A part's context wrapper: shared (for the device) or, with `verify`, unshared (what the emulator loads)."""
+    return (folder / "verify" if verify else folder) / f"ar{ar}-part{index}_ctx.onnx"
+
+
 def genai_dir(model: str, precision: str) -> Path:
     """onnxruntime-genai model folder (model.onnx, genai_config.json, tokenizer) built by its model builder."""
     return MODELS / "genai" / f"{model}-{precision}"
@@ -75,6 +90,8 @@ def run_artifact(model: str, backend: str, precision: str, seq_len: int | None =
     if backend in ("qnn-htp", "qai-appbuilder") and seq_len:
         path = ctx_path(model, precision, seq_len)
         return path, path.with_name(path.stem + "_qnn.bin")
+    if backend in ("qnn-htp", "qai-appbuilder"):  # generation: the folder of compiled parts
+        return qnn_gen_dir(model, precision), qnn_gen_dir(model, precision)
     raise AntinetError(f"no artifact is built for backend {backend!r} at precision {precision!r}")
 
 

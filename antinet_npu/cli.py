@@ -32,6 +32,9 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                 "verified on the QNN HTP backend",
                 [("--precision", dict(required=True, help="a key of compile.recipes, e.g. w8a16")),
                  ("--seq-len", dict(required=True, type=int, help="static sequence length, e.g. 128"))]),
+    "compile-gen": ("the NPU generation parts -> QDQ -> one QNN context binary per part (AR-N and AR-1 over one "
+                    "weight copy) in models/qnn-gen/<model>-<precision>/, verified on the QNN HTP backend",
+                    [("--precision", dict(required=True, help="a key of compile.recipes, e.g. w8a16"))]),
     "bench": ("latency of one forward pass on one backend -> metrics/bench/<run>.json",
               [("--run", dict(required=True, help="a key of bench.runs, e.g. ort-cpu-int8-block-128"))]),
     "export-genai": ("PyTorch snapshot -> models/genai/<model>-<precision>/ by onnxruntime-genai's model builder "

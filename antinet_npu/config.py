@@ -381,8 +381,13 @@ class QdqRecipeConfig:
                                                                 "massive activations span ~26000 in SmolLM2"))
     mixed: Optional[MixedConfig] = field(default=None, metadata=_help("keep the most sensitive layer groups at 16-bit "
                                                                       "weights (keep_as: w16) or float"))
+    kv_type: Optional[str] = field(default=None, metadata=_help("generation graphs: the KV cache's inputs and outputs "
+                                                                "(past_*), e.g. QUInt8 to halve its traffic; null: "
+                                                                "activation_type"))
 
     def check(self) -> None:
+        _require(self.kv_type is None or self.kv_type in QDQ_TYPES, f"kv_type must be null or one of "
+                 f"{', '.join(QDQ_TYPES)}, got {self.kv_type!r}")
         _require(self.activation_type in QDQ_TYPES and self.weight_type in QDQ_TYPES,
                  f"activation_type and weight_type must be one of {', '.join(QDQ_TYPES)}")
         _require(not self.per_channel or self.weight_type.startswith("QInt"),
@@ -405,6 +410,12 @@ class GenerationGraphsConfig:
                                                               "most 2048 MB per graph, activations included)"))
     precisions: list[str] = field(default_factory=list, metadata=_help("QDQ recipes (compile.recipes) to compile "
                                                                        "the parts with (matrix)"))
+    share: bool = field(default=True, metadata=_help("one context binary per part for AR-N and AR-1 (one weight "
+                                                     "copy); false ships the unshared binaries"))
+    calib_new_tokens: int = field(default=8, metadata=_help("decode steps per calibration prompt (AR-1 traces)"))
+    verify_prompts: int = field(default=4, metadata=_help("held-out prompts generated on the HTP backend and "
+                                                          "compared with FP32 greedy generation"))
+    verify_new_tokens: int = field(default=16, metadata=_help("tokens generated per verification prompt"))
 
     def check(self) -> None:
         _require(self.prefill_len > 1, f"compile.generation.prefill_len must be > 1 (the decode graph is AR-1), got "
@@ -414,6 +425,8 @@ class GenerationGraphsConfig:
                  f"({self.prefill_len})")
         _require(self.parts >= 1 and self.max_part_mb > 0,
                  f"compile.generation.parts must be >= 1 and max_part_mb > 0, got {self.parts} and {self.max_part_mb}")
+        _require(self.calib_new_tokens >= 1 and self.verify_prompts >= 0 and self.verify_new_tokens >= 1,
+                 "compile.generation.calib_new_tokens and verify_new_tokens must be >= 1, verify_prompts >= 0")
 
 
 @dataclass

@@ -70,8 +70,11 @@ def provider_options(target: TargetConfig, backend: str = "htp", perf_mode: str 
 
 
 def session(model: Path, target: TargetConfig, *, backend: str = "htp", perf_mode: str | None = None,
-            context_out: Path | None = None, allow_cpu_fallback: bool = True):
-    """An onnxruntime session on the QNN backend; with `context_out`, also writes a context binary there."""
+            context_out: Path | None = None, allow_cpu_fallback: bool = True, share: str | None = None):
+    """An onnxruntime session on the QNN backend; with `context_out`, also writes a context binary there.
+
+    `share`: "continue" or "last" compiles into one context shared with the other sessions of this process (one
+    weight copy for graphs with the same weights; "last" writes it)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -80,9 +83,16 @@ def session(model: Path, target: TargetConfig, *, backend: str = "htp", perf_mod
         opts.add_session_config_entry("ep.context_enable", "1")
         opts.add_session_config_entry("ep.context_file_path", str(context_out))
         opts.add_session_config_entry("ep.context_embed_mode", "0")  # the .bin beside the _ctx.onnx
+    if share:
+        opts.add_session_config_entry("ep.share_ep_contexts", "1")
+        if share == "last":
+            opts.add_session_config_entry("ep.stop_share_ep_contexts", "1")
     if not allow_cpu_fallback:
         opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    opts.add_provider_for_devices(register(), provider_options(target, backend, perf_mode))
+    options = provider_options(target, backend, perf_mode)
+    if share:
+        options["enable_htp_weight_sharing"] = "1"
+    opts.add_provider_for_devices(register(), options)
     try:
         return ort.InferenceSession(str(model), opts)
     except Exception as exc:  # onnxruntime's Fail / InvalidGraph / RuntimeException
@@ -117,6 +127,29 @@ def compile_context(qdq_model: Path, ctx_model: Path, target: TargetConfig, allo
                            "compile.allow_cpu_fallback=true") from None
     if not ctx_model.is_file():
         raise AntinetError(f"the QNN EP wrote no context model for {qdq_model.name}")
+
+
+def compile_shared(qdq_models: list[Path], ctx_models: list[Path], target: TargetConfig) -> None:
+    """Compile graphs with the same weights (a part's AR-N and AR-1) into one context binary: one `.bin`, named
+    after the first wrapper, referenced by every `_ctx.onnx`. Compile each alone first (`compile_context`): that
+    is where a node the HTP backend rejects gets its name. Offline only: the x86_64 emulator cannot load the result
+    (it crashes the process), so graphs are verified from their unshared binaries."""
+    sessions = []
+    try:
+        for k, (qdq, ctx) in enumerate(zip(qdq_models, ctx_models)):
+            if ctx.exists():
+                raise AntinetError(f"{ctx} already exists and the QNN EP will not overwrite it: remove it first")
+            sessions.append(session(qdq, target, context_out=ctx, allow_cpu_fallback=False,
+                                    share="last" if k == len(qdq_models) - 1 else "continue"))
+    except AntinetError as exc:
+        raise AntinetError(f"the QNN EP could not share one context between {', '.join(q.name for q in qdq_models)}"
+                           f" ({exc}): set compile.generation.share=false to build them unshared") from None
+    finally:
+        del sessions
+    binaries = {b for ctx in ctx_models for b in context_binaries(ctx)}
+    if len(binaries) != 1:
+        raise AntinetError(f"the QNN EP wrote {len(binaries)} context binaries for {len(ctx_models)} shared graphs "
+                           "(expected one)")
 
 
 def _remove_context(ctx_model: Path) -> None:

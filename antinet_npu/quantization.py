@@ -195,6 +195,8 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict], keep
     weight_type = getattr(QuantType, recipe.weight_type)
     overrides = _per_channel_matmul(src, weight_type) if recipe.per_channel else {}
     overrides.update(_per_channel_matmul(src, QuantType.QInt16, only=set(keep) - set(as_float)))
+    if recipe.kv_type:  # a generation graph's KV cache, in and out (static_llm names it past_*)
+        overrides.update(_kv_overrides(src, getattr(QuantType, recipe.kv_type)))
     config = get_qnn_qdq_config(str(src), Feeds(), calibrate_method=getattr(CalibrationMethod, recipe.calibrate_method),
                                 activation_type=getattr(QuantType, recipe.activation_type),
                                 weight_type=weight_type, per_channel=recipe.per_channel,
@@ -206,6 +208,12 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict], keep
         out = Path(tmp) / "qdq.onnx"
         ort_quantize(str(src), str(out), config)
         return onnx.load(out)
+
+
+def _kv_overrides(src: Path, kv_type) -> dict[str, list[dict]]:
+    model = onnx.load(src, load_external_data=False)
+    names = [v.name for v in (*model.graph.input, *model.graph.output) if v.name.startswith("past_")]
+    return {name: [{"quant_type": kv_type}] for name in names}
 
 
 def residual_nodes(src: Path) -> list[str]:
@@ -221,6 +229,7 @@ def residual_nodes(src: Path) -> list[str]:
     model = onnx.load(src, load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
     embedded = {n.output[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights}
+    embedded |= {i.name for i in model.graph.input if i.name == "hidden_states"}  # a later part of a split model
     stream: set[str] = set()
     adds, readers = [], []
     for node in model.graph.node:  # ONNX nodes are stored in topological order

@@ -57,11 +57,11 @@ class StaticStepper:
         self.values: dict[int, np.ndarray] = {}
         self.length = 0
 
-    @property
-    def max_prompt(self) -> int:
-        return self.context_length - self.prefill_len
-
     def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        return self.score(prompt)[-1]
+
+    def score(self, prompt: np.ndarray) -> np.ndarray:
+        """Prefill `prompt` (the cache restarts) and return the logits of each of its positions, (P, vocab)."""
         prompt = np.asarray(prompt, np.int64).reshape(-1)
         ar = self.prefill_len
         pad = (-prompt.size) % ar
@@ -74,15 +74,14 @@ class StaticStepper:
         self.length = 0
         padded = np.concatenate([np.zeros(pad, np.int64), prompt])
         real = np.concatenate([np.zeros(pad, bool), np.ones(prompt.size, bool)])
-        logits = None
-        for start in range(0, padded.size, ar):
-            logits = self._run(padded[start:start + ar], real[start:start + ar])
-        return logits
+        chunks = [self._run(padded[i:i + ar], real[i:i + ar]) for i in range(0, padded.size, ar)]
+        return np.concatenate(chunks)[pad:]
 
     def decode(self, token: int) -> np.ndarray:
-        return self._run(np.array([token], np.int64), np.ones(1, bool))
+        return self._run(np.array([token], np.int64), np.ones(1, bool))[-1]
 
     def _run(self, ids: np.ndarray, real: np.ndarray) -> np.ndarray:
+        """One call of the AR-`ids.size` graphs: the logits of its AR positions; the cache gains the real ones."""
         ar = ids.size
         past_len = self.context_length - ar
         if self.length > past_len:
@@ -104,7 +103,7 @@ class StaticStepper:
                 self.values[layer] = np.concatenate([self.values[layer], out[f"past_value_{layer}_out"][:, :, real]],
                                                     2)
         self.length += int(real.sum())
-        return np.asarray(x[0, -1], np.float32)
+        return np.asarray(x[0], np.float32)
 
     def _slots(self, cache: np.ndarray, past_len: int) -> np.ndarray:
         slots = np.zeros((1, self.kv_heads, past_len, self.head_dim), np.float32)

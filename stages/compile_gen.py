@@ -1,0 +1,177 @@
+"""Stage `compile-gen` (matrix over compile.generation.precisions): the NPU generation parts -> QNN context binaries.
+
+Per part: static QDQ of its AR-N and AR-1 graphs, calibrated on real traces (the FP32 parts prefilling calibration
+prompts, then decoding `calib_new_tokens` greedy tokens: each graph sees the inputs it gets in generation, KV cache
+included); each graph compiled alone into `verify/` (every node must land in QNN); then both into one context binary
+over one copy of the weights (`ep.share_ep_contexts`), the binary shipped for the device. The x86_64 emulator cannot
+load a shared binary (it crashes), so the graphs are verified from the unshared binaries of the very same QDQ models:
+teacher-forced fidelity on held-out windows and greedy generation vs the FP32 parts, labelled `emulated`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+from antinet_npu import (
+    AntinetError,
+    artifacts,
+    checkpoint,
+    corpus,
+    fidelity,
+    generation,
+    onnx_models,
+    qnn,
+    quantization,
+    sensitivity,
+)
+from antinet_npu.config import Config
+from antinet_npu.provenance import record
+from antinet_npu.signature import Signature
+from antinet_npu.static_llm import StaticStepper
+
+log = logging.getLogger("compile-gen")
+
+
+def stepper(sources: dict[int, list], open_graph, record_into: dict | None = None) -> StaticStepper:
+    """The host loop over parts: `sources[ar]` the graphs' paths in part order, `open_graph(path)` -> session.
+    With `record_into`, every call's feeds are kept under (ar, part index) (calibration traces)."""
+    prefill_len = max(sources)
+
+    def runner(path, key):
+        session = open_graph(path)
+        if record_into is None:
+            return lambda feeds: session.run(None, feeds)
+        return lambda feeds: (record_into.setdefault(key, []).append(dict(feeds)), session.run(None, feeds))[1]
+
+    graphs = {ar: [runner(p, (ar, i)) for i, p in enumerate(paths)] for ar, paths in sources.items()}
+    return StaticStepper([Signature.read(p) for p in sources[prefill_len]], graphs[prefill_len], graphs[1])
+
+
+def run(cfg: Config, precision: str) -> dict:
+    cc, gen = cfg.compile, cfg.compile.generation
+    qnn.require()
+    if precision not in cc.recipes:
+        raise AntinetError(f"unknown NPU precision {precision!r}: valid ones are {', '.join(cc.recipes)}")
+    recipe, model = cc.recipes[precision], cfg.model.name
+    n = gen.prefill_len
+    fp32 = {ar: [artifacts.npu_gen_part(model, ar, i) for i in range(gen.parts)] for ar in (n, 1)}
+    for path in (p for paths in fp32.values() for p in paths):
+        if not path.is_file():
+            raise AntinetError(f"{path} not found: run `dvc repro export-npu-gen` first")
+        signature = Signature.read(path)
+        if (signature.seq_len, signature.context_length, signature.part.count) != \
+                ((n if "ar1-" not in path.name else 1), gen.context_length, gen.parts):
+            raise AntinetError(f"{path} was built for AR-{signature.seq_len}, context {signature.context_length}, "
+                               f"{signature.part.count} parts, not what compile.generation asks: re-run "
+                               "`dvc repro export-npu-gen`")
+    snapshot = artifacts.pytorch_dir(model)
+    tokenizer = checkpoint.load_text_tokenizer(snapshot)
+    splits = corpus.split_documents(cfg.text)
+    # Calibration prompts of 1.5 chunks: a left-padded chunk and a full one, so the traces hold both
+    calib = corpus.windows(tokenizer, splits["calib"], n + n // 2, cc.calib_samples, "calibration")
+    held_out = corpus.windows(tokenizer, splits["eval"], min(2 * n, gen.context_length), cc.verify_samples,
+                              "evaluation")
+    prompts = corpus.generation_prompts(tokenizer, splits["eval"], min(n, gen.context_length - gen.verify_new_tokens),
+                                        gen.verify_prompts)
+
+    start = time.perf_counter()
+    traces: dict = {}
+    tracer = stepper(fp32, onnx_models.cpu_session, traces)
+    for prompt in calib:
+        for _ in generation.generate(tracer, prompt, gen.calib_new_tokens):
+            pass
+    del tracer
+    log.info("calibration traces: %d prompts x (prefill + %d decode steps): %s", len(calib), gen.calib_new_tokens,
+             ", ".join(f"AR-{ar} part {i}: {len(v)}" for (ar, i), v in sorted(traces.items())))
+
+    out = artifacts.qnn_gen_dir(model, precision)
+    parts_metrics = {}
+    with artifacts.staged_dir(out) as tmp:
+        (tmp / "verify").mkdir()
+        for i in range(gen.parts):
+            nodes = quantization.weight_groups(fp32[n][i], ("MatMul",))
+            groups = sensitivity.kept_groups(recipe.mixed, model, nodes)
+            keep = [name for g in groups for name in nodes[g]]
+            part = {"quantize_seconds": 0.0, "compile_seconds": 0.0, "cpu_compute_nodes": 0, "compute_nodes": 0}
+            for ar in (n, 1):
+                t = time.perf_counter()
+                qdq_model = quantization.qdq_static(fp32[ar][i], recipe, traces.pop((ar, i)), keep)
+                part["compute_nodes"] += sum(x.op_type not in qnn.BOUNDARY_OPS for x in qdq_model.graph.node)
+                qdq = artifacts.qnn_gen_qdq(tmp, ar, i)
+                onnx_models.save(qdq_model, qdq)
+                Signature.read(fp32[ar][i]).write(qdq)
+                del qdq_model
+                gc.collect()
+                part["quantize_seconds"] += time.perf_counter() - t
+                t = time.perf_counter()
+                ctx = artifacts.qnn_gen_ctx(tmp, ar, i, verify=True)
+                qnn.compile_context(qdq, ctx, cfg.target, cc.allow_cpu_fallback)
+                part["cpu_compute_nodes"] += len(qnn.nodes_outside_context(ctx)[1])
+                Signature.read(fp32[ar][i]).write(ctx)
+                part["compile_seconds"] += time.perf_counter() - t
+            unshared = sum(b.stat().st_size for ar in (n, 1)
+                           for b in qnn.context_binaries(artifacts.qnn_gen_ctx(tmp, ar, i, verify=True)))
+            t = time.perf_counter()
+            shipped = [artifacts.qnn_gen_ctx(tmp, ar, i) for ar in (n, 1)]
+            if gen.share:
+                qnn.compile_shared([artifacts.qnn_gen_qdq(tmp, ar, i) for ar in (n, 1)], shipped, cfg.target)
+            else:
+                for ar, ctx in zip((n, 1), shipped):
+                    qnn.compile_context(artifacts.qnn_gen_qdq(tmp, ar, i), ctx, cfg.target, cc.allow_cpu_fallback)
+            for ar, ctx in zip((n, 1), shipped):
+                Signature.read(fp32[ar][i]).write(ctx)
+            bins = sorted({b for ctx in shipped for b in qnn.context_binaries(ctx)})
+            part["compile_seconds"] += time.perf_counter() - t
+            parts_metrics[f"part{i}"] = {
+                **{k: round(v, 2) if isinstance(v, float) else v for k, v in part.items()},
+                "bin_mb": round(sum(b.stat().st_size for b in bins) / 1e6, 3), "bins": len(bins),
+                "unshared_bin_mb": round(unshared / 1e6, 3),
+                "qdq_mb": round(sum(artifacts.onnx_size_mb(artifacts.qnn_gen_qdq(tmp, ar, i)) for ar in (n, 1)), 3),
+                "kept_groups": len(groups)}
+            log.info("part %d: %s (%.1f MB, shared) vs %.1f MB unshared", i, ", ".join(b.name for b in bins),
+                     parts_metrics[f"part{i}"]["bin_mb"], unshared / 1e6)
+        build_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        log.info("verifying on the QNN HTP backend%s from the unshared binaries: %d held-out windows, %d prompts x %d "
+                 "tokens", " (emulator)" if qnn.emulated() else "", len(held_out), len(prompts), gen.verify_new_tokens)
+        reference = stepper(fp32, onnx_models.cpu_session)
+        npu = stepper({ar: [artifacts.qnn_gen_ctx(tmp, ar, i, verify=True) for i in range(gen.parts)]
+                       for ar in (n, 1)},
+                      lambda p: qnn.session(p, cfg.target, allow_cpu_fallback=cc.allow_cpu_fallback))
+        meter = fidelity.FidelityMeter()
+        for window in held_out:
+            meter.add(reference.score(window)[None], npu.score(window)[None], window[None])
+        expected = [list(generation.generate(reference, p, gen.verify_new_tokens)) for p in prompts]
+        got = [list(generation.generate(npu, p, gen.verify_new_tokens)) for p in prompts]
+        del reference, npu
+        result = meter.result()
+        agreement = fidelity.generation_agreement(expected, got) if prompts.size else {}
+        violations = fidelity.gate_violations(f"{precision} generation", result, cc.gate(precision))
+        metrics = record(
+            model=model, precision=precision, backend="qnn-htp", device=qnn.device_name(), emulated=qnn.emulated(),
+            target=cfg.target.name, soc_model=cfg.target.soc_model, htp_arch=cfg.target.htp_arch,
+            prefill_len=n, context_length=gen.context_length, num_parts=gen.parts,
+            activation_type=recipe.activation_type, weight_type=recipe.weight_type,
+            kv_type=recipe.kv_type or recipe.activation_type, float_residual=recipe.float_residual,
+            shared=gen.share, verified_binaries="unshared (verify/): the emulator cannot load a shared binary",
+            shipped_binaries="shared: one per part, AR-N and AR-1" if gen.share else "unshared",
+            parts=parts_metrics, bin_mb=round(sum(p["bin_mb"] for p in parts_metrics.values()), 3),
+            cpu_compute_nodes=sum(p["cpu_compute_nodes"] for p in parts_metrics.values()),
+            calib_prompts=len(calib), samples=len(held_out), window_len=int(held_out.shape[1]), **result,
+            **agreement, gen_prompts=len(prompts), gen_tokens=gen.verify_new_tokens,
+            build_seconds=round(build_seconds, 2), verify_seconds=round(time.perf_counter() - start, 2),
+            gate_passed=not violations)
+        artifacts.write_metrics(artifacts.METRICS / "compile-gen" / f"{precision}.json", metrics)
+        if violations and cc.gate_mode(precision) == "fail":
+            raise AntinetError("fidelity gate: " + "; ".join(violations) + " (bounds in compile.gates)")
+    if violations:
+        log.warning("fidelity gate: %s", "; ".join(violations))
+    log.info("%s: %d parts, %.1f MB of binaries; top-1 %.4f, cosine %.5f, perplexity %+.2f%%%s vs the FP32 parts, "
+             "greedy agreement %.3f%s", out, gen.parts, metrics["bin_mb"], result["top1_agreement"], result["cosine"],
+             100 * result["ppl_increase"], fidelity.interval_text(result), agreement.get("gen_agreement", float("nan")),
+             " (emulated)" if qnn.emulated() else "")
+    return metrics
+
