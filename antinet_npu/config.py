@@ -525,9 +525,9 @@ class GenerationBenchConfig:
             _require(p in GENAI_PRECISIONS, f"bench.generation.genai_precisions: {p!r} is not one of "
                      f"{', '.join(GENAI_PRECISIONS)}")
         for key, run in self.runs.items():
-            _require(run.backend in ("ort-cpu", "torch", "ort-genai"),
-                     f"bench.generation.runs.{key}: backend {run.backend!r} cannot generate: use ort-cpu, torch or "
-                     "ort-genai (NPU generation graphs are not built yet)")
+            _require(run.backend in ("ort-cpu", "torch", "ort-genai", "qnn-htp"),
+                     f"bench.generation.runs.{key}: backend {run.backend!r} cannot generate: use ort-cpu, torch, "
+                     "ort-genai or qnn-htp (the compile-gen parts)")
             _require(run.new_tokens is None or run.new_tokens > 1,
                      f"bench.generation.runs.{key}.new_tokens must be > 1 or null, got {run.new_tokens}")
             expected = f"{run.backend}-{run.precision}" + ("" if run.cache else "-nocache")

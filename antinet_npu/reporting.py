@@ -113,7 +113,8 @@ def speedups(sources: list[Source]) -> dict[str, dict]:
 
 
 STAGE_METRICS = ("prepare.json", "export.json", "sensitivity/*.json", "quantize/*.json", "evaluate/*.json",
-                 "export-npu/*.json", "compile/*.json", "bench/*.json", "export-genai/*.json", "bench-gen/*.json")
+                 "export-npu/*.json", "compile/*.json", "export-npu-gen.json", "compile-gen/*.json", "bench/*.json",
+                 "export-genai/*.json", "bench-gen/*.json")
 
 
 def resource_lines(model: str, root: Path = METRICS) -> list[str]:
@@ -197,27 +198,51 @@ def generation_lines(model: str, root: Path = METRICS) -> list[str]:
     if not runs:
         return []
     evaluate, genai = read_metrics(root / "evaluate"), read_metrics(root / "export-genai")
+    npu = read_metrics(root / "compile-gen")
     lines = ["### Generation: prefill + decode (greedy, batch 1)", "",
              "| run | backend | precision | KV cache | P | G | TTFT ms | decode tokens/s | p50 ms/token | "
              "p90 ms/token | e2e ms | greedy = FP32 | peak RSS MB |", "|---" * 13 + "|"]
     for run, m, p, f in runs:
-        fid = genai.get(m["precision"]) if m["backend"] == "ort-genai" else \
-            evaluate.get(m["precision"]) if m["backend"] == "ort-cpu" else None
+        fid = {"ort-genai": genai, "ort-cpu": evaluate, "qnn-htp": npu}.get(m["backend"], {}).get(m["precision"])
         agree = fid.get("gen_agreement") if fid and fid.get("model") == model else None
-        lines.append(f"| {run} | {m['backend']} | {m['precision']} | {'yes' if m.get('kv_cache') else 'no'} | {p} | "
+        backend = f"{m['backend']} (emulated)" if m.get("emulated") else m["backend"]
+        lines.append(f"| {run} | {backend} | {m['precision']} | {'yes' if m.get('kv_cache') else 'no'} | {p} | "
                      f"{f['new_tokens']} | {f['ttft_ms']:.1f} | {f['decode_tokens_per_s']:.1f} | "
                      f"{f['p50_decode_ms_per_token']:.2f} | {f['p90_decode_ms_per_token']:.2f} | {f['e2e_ms']:.0f} | "
                      f"{_fmt(agree, '.3f')} | {m['peak_rss_mb']:.0f} |")
     lines += ["", "greedy = FP32: share of greedy tokens equal to our FP32 ONNX model's on held-out prompts "
-              "(evaluate; export-genai for the peer). Speeds compare only within one run on one machine.", ""]
+              "(evaluate; export-genai for the peer; compile-gen for the NPU parts, against the FP32 parts). Speeds "
+              "compare only within one run on one machine; an emulated run's times say nothing about the NPU.", ""]
     longest = max(p for _, _, p, _ in runs)
-    tps = {run: f["decode_tokens_per_s"] for run, _, p, f in runs if p == longest}
+    tps = {run: f["decode_tokens_per_s"] for run, m, p, f in runs if p == longest and not m.get("emulated")}
     ratios = [f"{ours} vs {other}: {tps[ours] / tps[other]:.2f}x" for ours, other in (
         ("ort-cpu-int8-block", "ort-genai-int8"), ("ort-cpu-int4-block", "ort-genai-int4"),
         ("ort-cpu-fp32", "ort-genai-fp32"), ("ort-cpu-int8-block", "ort-cpu-int8-block-nocache"))
         if ours in tps and other in tps]
     if ratios:
         lines += [f"Decode tokens/s at P={longest}: " + "; ".join(ratios) + ".", ""]
+    return lines
+
+
+def npu_generation_lines(model: str, root: Path = METRICS) -> list[str]:
+    """The compiled NPU generation parts: binaries (shared vs unshared), nodes outside QNN, fidelity on the HTP
+    backend, and which binaries were verified how."""
+    found = {k: m for k, m in read_metrics(root / "compile-gen").items() if m.get("model") == model}
+    if not found:
+        return []
+    lines = ["### NPU generation parts (compile-gen)", "",
+             "| precision | parts | AR-N / context | .bin MB shipped | .bin MB unshared | nodes on CPU | top-1 | "
+             "cosine | perplexity | greedy = FP32 | verified on |", "|---" * 11 + "|"]
+    for name, m in sorted(found.items()):
+        unshared = sum(p.get("unshared_bin_mb", 0) for p in m.get("parts", {}).values())
+        lines.append(f"| {name} | {m['num_parts']} | {m['prefill_len']} / {m['context_length']} | {m['bin_mb']:.1f} "
+                     f"({'shared' if m.get('shared') else 'unshared'}) | {unshared:.1f} | {m['cpu_compute_nodes']} | "
+                     f"{m['top1_agreement']:.4f} | {m['cosine']:.5f} | {100 * m['ppl_increase']:+.2f} % | "
+                     f"{_fmt(m.get('gen_agreement'), '.3f')} | {m['device']}{' (emulated)' if m['emulated'] else ''}"
+                     f" |")
+    lines += ["", "Shipped: one context binary per part holding its AR-N and AR-1 graphs over one copy of the weights. "
+              "Verified: the same QDQ graphs compiled unshared (the x86_64 emulator cannot load a shared binary), "
+              "teacher-forced against the FP32 parts on held-out windows and by greedy generation.", ""]
     return lines
 
 
@@ -259,7 +284,8 @@ def summary_markdown(sources: list[Source], compare_at: int = 128) -> str:
                 f"{'**emulated**' if r['emulated'] else 'no'} | {fallback} |")
         lines += ["", "× torch, × ORT fp32: speedup over PyTorch eager FP32 and onnxruntime FP32 measured in the same "
                   "run at the same S (none for emulated timings).", "",
-                  *generation_lines(model), *fidelity_lines(sources[0], model), *sensitivity_lines(model),
+                  *generation_lines(model), *npu_generation_lines(model),
+                  *fidelity_lines(sources[0], model), *sensitivity_lines(model),
                   *comparison(table, model, compare_at), "",
                   *resource_lines(model)]
     lines += environment(sources)

@@ -23,7 +23,8 @@ def expected_results(cfg: Config) -> dict[str, list[str]]:
     """Metrics folder -> the result names the config asks for."""
     return {"bench": list(cfg.bench.runs), "bench-gen": list(cfg.bench.generation.runs),
             "evaluate": list(cfg.evaluate.variants),
-            "compile": [f"{p}-{s}" for p in cfg.compile.precisions for s in cfg.compile.seq_lens]}
+            "compile": [f"{p}-{s}" for p in cfg.compile.precisions for s in cfg.compile.seq_lens],
+            "compile-gen": list(cfg.compile.generation.precisions)}
 
 
 def _read(path: Path) -> tuple[dict | None, str | None]:
@@ -112,7 +113,7 @@ def verify(cfg: Config, root: Path = METRICS) -> tuple[list[str], list[str]]:
                      f"{_number(first, 'decode_tokens_per_s') or float('nan'):>8.1f}  {'ok' if good else 'UNJUDGED'}")
 
     lines += ["", f"{'variant':<34} {'measured on':<32} {'top-1':>9} {'cosine':>8}  verdict"]
-    for kind in ("evaluate", "compile"):
+    for kind in ("evaluate", "compile", "compile-gen"):
         for name, m in found[kind].items():
             passed = m.get("gate_passed")
             if passed is not True:

@@ -73,8 +73,8 @@ def test_ort_genai_missing_names_the_extra(monkeypatch):
 def test_generation_runs_must_be_backends_that_can_generate():
     from antinet_npu.config import GenerationBenchConfig, GenRunConfig
 
-    runs = {"qnn-htp-w8a16": GenRunConfig(backend="qnn-htp", precision="w8a16", model="m", weights="w")}
-    with pytest.raises(AntinetError, match="cannot generate: use ort-cpu, torch or ort-genai"):
+    runs = {"qnn-gpu-fp32": GenRunConfig(backend="qnn-gpu", precision="fp32", model="m", weights="w")}
+    with pytest.raises(AntinetError, match="cannot generate: use ort-cpu, torch, ort-genai or qnn-htp"):
         GenerationBenchConfig(runs=runs).check()
     runs = {"ort-cpu-fp32": GenRunConfig(backend="ort-cpu", precision="fp32", model="m", weights="w", cache=False)}
     with pytest.raises(AntinetError, match="must be named ort-cpu-fp32-nocache"):

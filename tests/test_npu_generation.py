@@ -96,3 +96,44 @@ def test_bad_generation_graph_settings_are_one_line(pipeline, override, expected
     line = error_line(pipeline.cli("export-npu-gen", override), "export-npu-gen")
     assert expected in line, line
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing written over the built parts
+
+
+@pytest.mark.slow
+def test_compile_gen_ships_one_shared_binary_per_part_and_verifies_unshared_ones(pipeline):
+    from antinet_npu import qnn
+
+    m = json.loads((pipeline.path / "metrics/compile-gen/w8a16.json").read_text())
+    assert m["emulated"] is True and m["gate_passed"] is True and m["cpu_compute_nodes"] == 0
+    assert m["samples"] >= 16 and 0 <= m["gen_agreement"] <= 1 and m["shared"] is True
+    folder = pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16")
+    for i in range(m["num_parts"]):
+        part = m["parts"][f"part{i}"]
+        assert part["bins"] == 1 and part["bin_mb"] < part["unshared_bin_mb"]  # about one weight copy, not two
+        shipped = [qnn.context_binaries(artifacts.qnn_gen_ctx(folder, ar, i)) for ar in (32, 1)]
+        assert shipped[0] == shipped[1] and len(shipped[0]) == 1 and shipped[0][0].is_file()
+        verified = [qnn.context_binaries(artifacts.qnn_gen_ctx(folder, ar, i, verify=True)) for ar in (32, 1)]
+        assert verified[0] != verified[1] and all(b.is_file() for v in verified for b in v)
+
+
+@pytest.mark.slow
+def test_the_npu_parts_generate_on_the_emulator(pipeline, monkeypatch):
+    from antinet_npu.backends.qnn_ep import QnnHtpBackend
+    from antinet_npu.config import load
+
+    m = json.loads((pipeline.path / "metrics/bench-gen/qnn-htp-w8a16.json").read_text())
+    assert m["emulated"] is True and m["binaries"] == "unshared (verify/)" and m["p32"]["decode_tokens_per_s"] > 0
+    monkeypatch.chdir(pipeline.path)
+    backend = QnnHtpBackend(load(pipeline.path / "params.yaml"), "burst")
+    backend.load(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16"))
+    stepper = backend.stepper()
+    tokens = list(generation.generate(stepper, np.arange(40, 80), 6))
+    assert len(tokens) == 6 and stepper.length == 40 + 5
+    with pytest.raises(AntinetError, match="the context holds 256"):
+        stepper.prefill(np.ones(257, np.int64))
+
+
+@pytest.mark.slow
+def test_parts_built_for_another_context_are_refused(pipeline):
+    line = error_line(pipeline.cli("compile-gen", "--precision", "w8a16", "compile.generation.context_length=128"),
+                      "compile-gen")
+    assert "was built for AR-32, context 256, 2 parts" in line and "dvc repro export-npu-gen" in line

@@ -60,8 +60,8 @@ class Backend(ABC):
     def stepper(self):
         """A generation session over the loaded artifact's KV cache (`generation.Stepper`)."""
         shape = f"a static single-pass graph of {self.seq_len} tokens" if self.seq_len else "single passes only"
-        raise AntinetError(f"{self.name} runs {shape} and cannot generate: NPU prefill/decode graphs are not built "
-                           "yet; generate on ort-cpu or torch")
+        raise AntinetError(f"{self.name} runs {shape} and cannot generate: generate on the NPU from the compile-gen "
+                           "parts (bench.generation.runs qnn-htp-<precision>), or on ort-cpu or torch")
 
     def check_input(self, input_ids: np.ndarray) -> None:
         if self.seq_len is not None and input_ids.shape[-1] != self.seq_len:

@@ -10,10 +10,12 @@ from antinet_npu import AntinetError, qnn
 from antinet_npu.backends import Backend
 from antinet_npu.config import HTP_PERF_MODES
 from antinet_npu.signature import Signature
+from antinet_npu.static_llm import StaticStepper
 
 
 class QnnHtpBackend(Backend):
-    """A `compile` context model (`..._ctx.onnx` + `.bin`) on the HTP backend."""
+    """A `compile` context model (`..._ctx.onnx` + `.bin`) on the HTP backend, or a `compile-gen` folder of
+    generation parts (AR-N prefill and AR-1 decode per part), which generates through `static_llm.StaticStepper`."""
 
     name = "qnn-htp"
     qnn_backend = "htp"
@@ -27,8 +29,12 @@ class QnnHtpBackend(Backend):
             return str(exc)
         return None
 
+    parts: StaticStepper | None = None
+
     def load(self, artifact: Path) -> None:
         self.check_perf_mode()
+        if artifact.is_dir():
+            return self._load_parts(artifact)
         if not artifact.is_file():
             raise AntinetError(f"{artifact} not found: run `dvc repro compile` first")
         self.signature = Signature.read(artifact)
@@ -39,13 +45,63 @@ class QnnHtpBackend(Backend):
             raise AntinetError(f"{exc}: if {artifact.name} or its context binary is damaged, delete them and re-run "
                                "`dvc repro compile`") from None
 
+    def _load_parts(self, folder: Path) -> None:
+        """The shared binaries on a device; on the x86_64 emulator, which cannot load them, the unshared ones the
+        stage verified (`verify/`). Which graph is which comes from the wrappers' signatures."""
+        self.binaries = "unshared (verify/)" if qnn.emulated() else "shared"
+        where = folder / "verify" if qnn.emulated() else folder
+        wrappers = sorted(where.glob("*_ctx.onnx"))
+        if not wrappers:
+            raise AntinetError(f"{where} holds no context wrappers: run `dvc repro compile-gen` first")
+        graphs: dict[int, dict[int, tuple[Signature, Path]]] = {}
+        for path in wrappers:
+            signature = Signature.read(path)
+            if signature.part is None:
+                raise AntinetError(f"{path} is not a generation part: re-run `dvc repro compile-gen`")
+            graphs.setdefault(signature.seq_len, {})[signature.part.index] = (signature, path)
+        if len(graphs) != 2 or 1 not in graphs:
+            raise AntinetError(f"{where} must hold an AR-N and an AR-1 graph per part, found AR "
+                               f"{sorted(graphs)}: re-run `dvc repro compile-gen`")
+        share = None if qnn.emulated() else "continue"  # a device loads one context for both graphs of a part
+
+        def open_graph(path: Path):
+            try:
+                session = qnn.session(path, self.cfg.target, backend=self.qnn_backend, perf_mode=self.perf_mode,
+                                      allow_cpu_fallback=False, share=share)
+            except AntinetError as exc:
+                raise AntinetError(f"{exc}: if {path.name} or its context binary is damaged, delete them and re-run "
+                                   "`dvc repro compile-gen`") from None
+            return lambda feeds: session.run(None, feeds)
+
+        prefill_len = max(graphs)
+        count = graphs[prefill_len][0][0].part.count
+        for ar in graphs:
+            if sorted(graphs[ar]) != list(range(count)):
+                raise AntinetError(f"{where}: the AR-{ar} graphs cover parts {sorted(graphs[ar])} of {count}: re-run "
+                                   "`dvc repro compile-gen`")
+        ordered = {ar: [graphs[ar][i] for i in range(count)] for ar in graphs}
+        self.parts = StaticStepper([s for s, _ in ordered[prefill_len]],
+                                   [open_graph(p) for _, p in ordered[prefill_len]],
+                                   [open_graph(p) for _, p in ordered[1]])
+
     def run(self, input_ids: np.ndarray) -> np.ndarray:
+        if self.parts is not None:  # one pass = a prefill in AR-N chunks
+            return self.parts.score(input_ids.reshape(-1))[None]
         self.check_input(input_ids)
         return self.session.run(None, self.signature.static_feeds(input_ids))[0]
 
+    def stepper(self):
+        if self.parts is None:
+            return super().stepper()
+        return self.parts
+
     def describe(self) -> dict:
-        return {"backend": self.name, "device": qnn.device_name(self.qnn_backend), "emulated": qnn.emulated(),
-                "perf_mode": self.perf_mode, "soc_model": self.cfg.target.soc_model}
+        described = {"backend": self.name, "device": qnn.device_name(self.qnn_backend), "emulated": qnn.emulated(),
+                     "perf_mode": self.perf_mode, "soc_model": self.cfg.target.soc_model}
+        if self.parts is not None:
+            described.update(prefill_len=self.parts.prefill_len, context_length=self.parts.context_length,
+                             num_parts=len(self.parts.parts), binaries=self.binaries)
+        return described
 
 
 class QnnGpuBackend(QnnHtpBackend):
