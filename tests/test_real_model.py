@@ -113,3 +113,15 @@ def test_generation_on_a_real_model(real):
     for run in ("ort-cpu-int8-block", "ort-genai-int8", "ort-cpu-int8-block-nocache"):
         m = _metrics(real, f"bench-gen/{run}")
         assert m["model"] == "smollm2-135m" and m["p128"]["decode_tokens_per_s"] > 0
+
+
+def test_npu_generation_parts_on_a_real_model(real):
+    # export-npu-gen fails unless the FP32 parts' greedy generation equals PyTorch generate() token for token
+    export = _metrics(real, "export-npu-gen")
+    assert export["num_parts"] == 2 and export["greedy_prompts_equal"] >= 3
+    m = _metrics(real, "compile-gen/w8a16-mixed")
+    assert m["model"] == "smollm2-135m" and m["emulated"] and m["cpu_compute_nodes"] == 0
+    assert m["samples"] >= 16 and m["window_len"] == 128 and m["gate_passed"]  # the w8a16-mixed gate: +2 %, 0.93
+    assert m["ppl_increase_ci_low"] <= m["ppl_increase"] <= m["ppl_increase_ci_high"]
+    assert 0 <= m["gen_agreement"] <= 1 and m["gen_prompts"] >= 1
+    assert all(p["bin_mb"] < p["unshared_bin_mb"] for p in m["parts"].values())
