@@ -103,6 +103,7 @@ class Signature:
     kv: KvLayout | None = None       # None: no cache (one pass over the whole sequence)
     part: Part | None = None         # static generation graphs: which share of the model (static_llm)
     rope: Rope | None = None         # static generation graphs: the rotary tables the host computes
+    context_graph: int | None = None  # a shared context binary's graph index (AppBuilder's graphIndex)
 
     @property
     def can_generate(self) -> bool:

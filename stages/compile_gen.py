@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from dataclasses import replace
 
 from antinet_npu import (
     AntinetError,
@@ -120,8 +121,8 @@ def run(cfg: Config, precision: str) -> dict:
             else:
                 for ar, ctx in zip((n, 1), shipped):
                     qnn.compile_context(artifacts.qnn_gen_qdq(tmp, ar, i), ctx, cfg.target, cc.allow_cpu_fallback)
-            for ar, ctx in zip((n, 1), shipped):
-                Signature.read(fp32[ar][i]).write(ctx)
+            for k, (ar, ctx) in enumerate(zip((n, 1), shipped)):  # graph k of the part's binary: compile order
+                replace(Signature.read(fp32[ar][i]), context_graph=k if gen.share else 0).write(ctx)
             bins = sorted({b for ctx in shipped for b in qnn.context_binaries(ctx)})
             part["compile_seconds"] += time.perf_counter() - t
             parts_metrics[f"part{i}"] = {

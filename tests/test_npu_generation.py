@@ -137,3 +137,51 @@ def test_parts_built_for_another_context_are_refused(pipeline):
     line = error_line(pipeline.cli("compile-gen", "--precision", "w8a16", "compile.generation.context_length=128"),
                       "compile-gen")
     assert "was built for AR-32, context 256, 2 parts" in line and "dvc repro export-npu-gen" in line
+
+
+@pytest.mark.slow
+def test_appbuilder_generates_from_the_shared_binaries(pipeline, monkeypatch):
+    """Against AppBuilder's documented API (no Snapdragon here): one QNNContext per part's shared .bin, the AR-N
+    graph as graphIndex 0 and AR-1 as 1, float buffers in the wrappers' input order. The fake answers each call by
+    running the FP32 part that the call names, so the loop must give the FP32 parts' greedy tokens."""
+    import sys
+
+    from test_bench import _FakeAppBuilder
+
+    import antinet_npu.backends.appbuilder as ab
+    from antinet_npu.config import load
+    from antinet_npu.stages.compile_gen import stepper as parts_stepper
+
+    monkeypatch.chdir(pipeline.path)
+    fp32 = {ar: [artifacts.npu_gen_part("tiny-qwen2", ar, i) for i in range(2)] for ar in (32, 1)}
+    sessions = {(ar, i): cpu_session(p) for ar, paths in fp32.items() for i, p in enumerate(paths)}
+    calls = []
+
+    class QNNContext:
+        def __init__(self, model_name, model_path, input_data_type="float", output_data_type="float", **kwargs):
+            self.part = int(model_name.split("-part")[1].split("_")[0])  # the test's own map from .bin to part
+            calls.append(("QNNContext", model_name))
+
+        def Inference(self, input, perf_profile="default", graphIndex=0):
+            ar = (32, 1)[graphIndex]
+            calls.append(("Inference", self.part, graphIndex, input[0].dtype))
+            signature = Signature.read(fp32[ar][self.part])
+            feeds = {n: (x.astype(np.int64) if n == "input_ids" else x) for n, x in zip(signature.inputs, input)}
+            return [y.reshape(-1) for y in sessions[ar, self.part].run(None, feeds)]
+
+    fake = _FakeAppBuilder(None)
+    fake.module.QNNContext = QNNContext
+    monkeypatch.setitem(sys.modules, "qai_appbuilder", fake.module)
+    monkeypatch.setattr(ab, "_configured", False)
+    backend = ab.AppBuilderBackend(load(pipeline.path / "params.yaml"), "burst")
+    backend.load(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16"))
+    prompt = np.arange(100, 140)
+    got = list(generation.generate(backend.stepper(), prompt, 8))
+    backend.close()
+    expected = list(generation.generate(parts_stepper(fp32, cpu_session), prompt, 8))
+    assert got == expected
+    assert [c for c in calls if c[0] == "QNNContext"] == [("QNNContext", "ar32-part0_ctx_qnn"),
+                                                          ("QNNContext", "ar32-part1_ctx_qnn")]
+    inference = [c[1:] for c in calls if c[0] == "Inference"]
+    assert inference[:4] == [(0, 0, np.float32), (1, 0, np.float32)] * 2  # two AR-32 chunks, then AR-1
+    assert inference[4:6] == [(0, 1, np.float32), (1, 1, np.float32)] and len(inference) == 4 + 2 * 7
