@@ -25,6 +25,18 @@ from antinet_npu import AntinetError
 from antinet_npu.signature import Part, Signature
 
 
+def check_built_for(path, signature: Signature, prefill_len: int, context_length: int, parts: int,
+                    stage: str) -> None:
+    """A part graph must be the one compile.generation asks for (AR, context, number of parts)."""
+    ar = 1 if signature.seq_len == 1 else prefill_len
+    if signature.part is None or (signature.seq_len, signature.context_length, signature.part.count) != \
+            (ar, context_length, parts):
+        built = f"AR-{signature.seq_len}, context {signature.context_length}, " \
+                f"{signature.part.count if signature.part else 1} parts"
+        raise AntinetError(f"{path} was built for {built}, not what compile.generation asks (AR-{ar}, context "
+                           f"{context_length}, {parts} parts): re-run `dvc repro {stage}`")
+
+
 def plan_parts(num_layers: int, parts: int) -> list[Part]:
     """Split `num_layers` decoder layers into `parts` contiguous ranges as even as possible (earlier parts take the
     extra layer; the first part also holds the embedding, the last the lm_head)."""

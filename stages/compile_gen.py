@@ -30,7 +30,7 @@ from antinet_npu import (
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 from antinet_npu.signature import Signature
-from antinet_npu.static_llm import StaticStepper
+from antinet_npu.static_llm import StaticStepper, check_built_for
 
 log = logging.getLogger("compile-gen")
 
@@ -61,12 +61,7 @@ def run(cfg: Config, precision: str) -> dict:
     for path in (p for paths in fp32.values() for p in paths):
         if not path.is_file():
             raise AntinetError(f"{path} not found: run `dvc repro export-npu-gen` first")
-        signature = Signature.read(path)
-        if (signature.seq_len, signature.context_length, signature.part.count) != \
-                ((n if "ar1-" not in path.name else 1), gen.context_length, gen.parts):
-            raise AntinetError(f"{path} was built for AR-{signature.seq_len}, context {signature.context_length}, "
-                               f"{signature.part.count} parts, not what compile.generation asks: re-run "
-                               "`dvc repro export-npu-gen`")
+        check_built_for(path, Signature.read(path), n, gen.context_length, gen.parts, "export-npu-gen")
     snapshot = artifacts.pytorch_dir(model)
     tokenizer = checkpoint.load_text_tokenizer(snapshot)
     splits = corpus.split_documents(cfg.text)

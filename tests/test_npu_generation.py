@@ -130,13 +130,18 @@ def test_the_npu_parts_generate_on_the_emulator(pipeline, monkeypatch):
     assert len(tokens) == 6 and stepper.length == 40 + 5
     with pytest.raises(AntinetError, match="the context holds 256"):
         stepper.prefill(np.ones(257, np.int64))
+    backend.close()
+    other = QnnHtpBackend(load(pipeline.path / "params.yaml", ["compile.generation.parts=4"]), "burst")
+    with pytest.raises(AntinetError, match="was built for AR-1, context 256, 2 parts.*re-run `dvc repro compile-gen`"):
+        other.load(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16"))
 
 
 @pytest.mark.slow
 def test_parts_built_for_another_context_are_refused(pipeline):
     line = error_line(pipeline.cli("compile-gen", "--precision", "w8a16", "compile.generation.context_length=128"),
                       "compile-gen")
-    assert "was built for AR-32, context 256, 2 parts" in line and "dvc repro export-npu-gen" in line
+    assert "was built for AR-32, context 256, 2 parts, not what compile.generation asks (AR-32, context 128" in line
+    assert "dvc repro export-npu-gen" in line
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from antinet_npu import AntinetError, qnn
 from antinet_npu.backends import Backend
 from antinet_npu.config import HTP_PERF_MODES
 from antinet_npu.signature import Signature
-from antinet_npu.static_llm import StaticStepper
+from antinet_npu.static_llm import StaticStepper, check_built_for
 
 
 class QnnHtpBackend(Backend):
@@ -54,10 +54,10 @@ class QnnHtpBackend(Backend):
         if not wrappers:
             raise AntinetError(f"{where} holds no context wrappers: run `dvc repro compile-gen` first")
         graphs: dict[int, dict[int, tuple[Signature, Path]]] = {}
+        gen = self.cfg.compile.generation
         for path in wrappers:
             signature = Signature.read(path)
-            if signature.part is None:
-                raise AntinetError(f"{path} is not a generation part: re-run `dvc repro compile-gen`")
+            check_built_for(path, signature, gen.prefill_len, gen.context_length, gen.parts, "compile-gen")
             graphs.setdefault(signature.seq_len, {})[signature.part.index] = (signature, path)
         if len(graphs) != 2 or 1 not in graphs:
             raise AntinetError(f"{where} must hold an AR-N and an AR-1 graph per part, found AR "
