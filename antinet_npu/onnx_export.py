@@ -69,6 +69,22 @@ def _rotate(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class _Rotary(torch.autograd.Function):
+    """Rotary embedding of (batch, heads, seq, dim) at `position_ids`, exported as onnxruntime's RotaryEmbedding
+    (com.microsoft, CPU): one node where the decomposed form takes six per tensor, at every layer and step."""
+
+    @staticmethod
+    def forward(ctx, x, position_ids, cos_cache, sin_cache):
+        cos, sin = (torch.cat([c[position_ids]] * 2, dim=-1).unsqueeze(1) for c in (cos_cache, sin_cache))
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def symbolic(g, x, position_ids, cos_cache, sin_cache):
+        y = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_cache, sin_cache, interleaved_i=0)
+        y.setType(x.type())
+        return y
+
+
 def compact_attention(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
     """The Qwen2/Llama attention forward, arithmetic unchanged, written for a small exported graph: reshapes with
     constant shapes (`_Reshape`), and grouped KV heads without `repeat_kv` (each KV head's query heads are stacked
@@ -79,8 +95,12 @@ def compact_attention(self, hidden_states, position_embeddings, attention_mask, 
     q = _Reshape.apply(self.q_proj(hidden_states), (0, -1, heads, dim)).transpose(1, 2)
     k = _Reshape.apply(self.k_proj(hidden_states), (0, -1, kv_heads, dim)).transpose(1, 2)
     v = _Reshape.apply(self.v_proj(hidden_states), (0, -1, kv_heads, dim)).transpose(1, 2)
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    tables = getattr(self, "rotary_tables", None)
+    if tables is not None:  # onnxruntime's fused op, from position_ids (the CPU graph)
+        q, k = (_Rotary.apply(t, kwargs["position_ids"], *tables) for t in (q, k))
+    else:  # plain ops from the host's or the model's cos/sin (the NPU graphs)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx)
     grouped = _Reshape.apply(q, (0, kv_heads, -1, dim))  # (batch, kv head, rep x new, dim): head i uses i // rep
@@ -92,16 +112,25 @@ def compact_attention(self, hidden_states, position_embeddings, attention_mask, 
     return self.o_proj(_Reshape.apply(out, (0, -1, heads * dim))), None
 
 
-def use_compact_attention(model: torch.nn.Module) -> int:
+def use_compact_attention(model: torch.nn.Module, fused_rotary: bool = False, positions: int = 0) -> int:
     """Bind `compact_attention` to every Qwen2/Llama-style attention module (q/k/v/o projections, `head_dim`) and
-    give the model the additive float mask eager attention takes. Returns the number of modules."""
+    give the model the additive float mask eager attention takes. With `fused_rotary`, the rotary embedding becomes
+    onnxruntime's RotaryEmbedding over cos/sin tables of `positions` rows. Returns the number of modules."""
     import types
+
+    tables = None
+    if fused_rotary:
+        rope = Rope.of(model)
+        angles = torch.arange(positions, dtype=torch.float64)[:, None] * torch.tensor(rope.inv_freq,
+                                                                                      dtype=torch.float64)
+        tables = ((torch.cos(angles) * rope.scaling).float(), (torch.sin(angles) * rope.scaling).float())
 
     model.set_attn_implementation("eager")
     found = [m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj",
                                                                         "head_dim", "scaling", "layer_idx"))]
     for module in found:
         module.forward = types.MethodType(compact_attention, module)
+        module.rotary_tables = tables
     return len(found)
 
 
@@ -109,7 +138,8 @@ def export_dynamic(model: torch.nn.Module, out: Path, opset: int, context_length
     """Export the KV-cache graph (dynamic batch, sequence and past axes) to `out` (+ `out.data`).
 
     Attention is exported as `compact_attention` (changes `model` in place)."""
-    log.info("compact attention: %d modules", use_compact_attention(model))
+    log.info("compact attention: %d modules", use_compact_attention(model, fused_rotary=True,
+                                                                    positions=context_length))
     layout = kv_layout(model.config)
     signature = Signature(inputs=("input_ids", "attention_mask", "position_ids", *layout.past_names()),
                           outputs=("logits", *layout.present_names()), mask=PADDING_MASK,
@@ -129,7 +159,7 @@ def export_dynamic(model: torch.nn.Module, out: Path, opset: int, context_length
         with torch.no_grad():
             torch.onnx.export(CausalLMWithCache(model, layout), sample, str(raw), dynamo=False,
                               input_names=list(signature.inputs), output_names=list(signature.outputs),
-                              dynamic_axes=axes, opset_version=opset)
+                              dynamic_axes=axes, opset_version=opset, custom_opsets={"com.microsoft": 1})
         consolidate(raw, out)
     return signature
 
