@@ -227,10 +227,11 @@ def test_verify_fails_on_missing_damaged_or_unjudged_results(pipeline, tmp_path)
     project = clone_project(pipeline.path, tmp_path / "p")
     (project / "metrics/evaluate/int8-block.json").unlink()
     shutil.rmtree(project / "metrics/compile")
+    shutil.rmtree(project / "metrics/compile-gen")
     proc = run_cli(project, "verify")
     assert proc.returncode == 1
     assert "evaluate int8-block: no result (metrics/evaluate/int8-block.json missing)" in proc.stdout
-    assert "compile w8a16-32: no result" in proc.stdout
+    assert "compile w8a16-32: no result" in proc.stdout and "compile-gen w8a16: no result" in proc.stdout
     project = clone_project(pipeline.path, tmp_path / "q")
     (project / "metrics/bench/ort-cpu-fp16-32.json").write_text("{not json")
     _edit(project / "metrics/bench/ort-cpu-fp32-32.json", within_budget="false")

@@ -90,9 +90,12 @@ def test_repro_writes_generation_metrics_for_ours_and_the_peer(pipeline):
     gen = load(pipeline.path / "params.yaml").bench.generation
     runs = {p.stem: json.loads(p.read_text()) for p in (pipeline.path / "metrics/bench-gen").glob("*.json")}
     assert set(runs) == set(gen.runs)
-    assert {"ort-cpu-int8-block", "ort-genai-int8", "ort-cpu-int8-block-nocache", "torch-fp32"} <= set(runs)
+    assert {"ort-cpu-int8-block", "ort-genai-int8", "ort-cpu-int8-block-nocache", "torch-fp32",
+            "qnn-htp-w8a16"} <= set(runs)
     for run, m in runs.items():
-        assert (m["device"], m["emulated"], m["backend"]) == ("cpu", False, gen.runs[run].backend)
+        backend = gen.runs[run].backend
+        device = ("hexagon-htp-emulator", True) if backend == "qnn-htp" else ("cpu", False)  # x86_64: the emulator
+        assert (m["device"], m["emulated"], m["backend"]) == (*device, backend)
         assert m["kv_cache"] is gen.runs[run].cache and m["peak_rss_mb"] > 0
         for p in gen.prompt_lens:
             f = m[f"p{p}"]
