@@ -58,7 +58,7 @@ def _damage(path, factor):
     """Scale every block-quantization scale of a MatMulNBits model: a plausible but broken variant."""
     model = onnx.load(path)
     for init in model.graph.initializer:
-        if init.name.endswith("_scales"):
+        if "_scales" in init.name:  # q/k/v and gate/up merged: `..._scales_fused`
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
     save(model, path)
 
