@@ -132,3 +132,19 @@ class StaticStepper:
         visible |= np.eye(ar, dtype=bool)  # a padding row sees itself: no row is all masked (its output is dropped)
         mask[:, past_len:][visible] = 0.0
         return mask[None, None]
+
+
+def open_parts(sources: dict[int, list], open_graph: Callable, record_into: dict | None = None) -> StaticStepper:
+    """The host loop over part graphs: `sources[ar]` their paths in part order (AR-N and AR-1), `open_graph(path)` a
+    session with `run(None, feeds)`. With `record_into`, every call's feeds are kept under (ar, part index)
+    (calibration traces)."""
+    prefill_len = max(sources)
+
+    def runner(path, key):
+        session = open_graph(path)
+        if record_into is None:
+            return lambda feeds: session.run(None, feeds)
+        return lambda feeds: (record_into.setdefault(key, []).append(dict(feeds)), session.run(None, feeds))[1]
+
+    graphs = {ar: [runner(p, (ar, i)) for i, p in enumerate(paths)] for ar, paths in sources.items()}
+    return StaticStepper([Signature.read(p) for p in sources[prefill_len]], graphs[prefill_len], graphs[1])

@@ -30,24 +30,9 @@ from antinet_npu import (
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 from antinet_npu.signature import Signature
-from antinet_npu.static_llm import StaticStepper, check_built_for
+from antinet_npu.static_llm import check_built_for, open_parts
 
 log = logging.getLogger("compile-gen")
-
-
-def stepper(sources: dict[int, list], open_graph, record_into: dict | None = None) -> StaticStepper:
-    """The host loop over parts: `sources[ar]` the graphs' paths in part order, `open_graph(path)` -> session.
-    With `record_into`, every call's feeds are kept under (ar, part index) (calibration traces)."""
-    prefill_len = max(sources)
-
-    def runner(path, key):
-        session = open_graph(path)
-        if record_into is None:
-            return lambda feeds: session.run(None, feeds)
-        return lambda feeds: (record_into.setdefault(key, []).append(dict(feeds)), session.run(None, feeds))[1]
-
-    graphs = {ar: [runner(p, (ar, i)) for i, p in enumerate(paths)] for ar, paths in sources.items()}
-    return StaticStepper([Signature.read(p) for p in sources[prefill_len]], graphs[prefill_len], graphs[1])
 
 
 def run(cfg: Config, precision: str) -> dict:
@@ -74,7 +59,7 @@ def run(cfg: Config, precision: str) -> dict:
 
     start = time.perf_counter()
     traces: dict = {}
-    tracer = stepper(fp32, onnx_models.cpu_session, traces)
+    tracer = open_parts(fp32, onnx_models.cpu_session, traces)
     for prompt in calib:
         for _ in generation.generate(tracer, prompt, gen.calib_new_tokens):
             pass
@@ -133,8 +118,8 @@ def run(cfg: Config, precision: str) -> dict:
         start = time.perf_counter()
         log.info("verifying on the QNN HTP backend%s from the unshared binaries: %d held-out windows, %d prompts x %d "
                  "tokens", " (emulator)" if qnn.emulated() else "", len(held_out), len(prompts), gen.verify_new_tokens)
-        reference = stepper(fp32, onnx_models.cpu_session)
-        npu = stepper({ar: [artifacts.qnn_gen_ctx(tmp, ar, i, verify=True) for i in range(gen.parts)]
+        reference = open_parts(fp32, onnx_models.cpu_session)
+        npu = open_parts({ar: [artifacts.qnn_gen_ctx(tmp, ar, i, verify=True) for i in range(gen.parts)]
                        for ar in (n, 1)},
                       lambda p: qnn.session(p, cfg.target, allow_cpu_fallback=cc.allow_cpu_fallback))
         meter = fidelity.FidelityMeter()

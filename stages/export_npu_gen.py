@@ -17,9 +17,9 @@ import torch
 from antinet_npu import AntinetError, artifacts, checkpoint, fidelity, onnx_export, onnx_models
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
-from antinet_npu.signature import Part, Signature
+from antinet_npu.signature import Part
 from antinet_npu.stages.export import check_greedy, greedy_reference, validation_prompts
-from antinet_npu.static_llm import StaticStepper, plan_parts
+from antinet_npu.static_llm import open_parts, plan_parts
 
 log = logging.getLogger("export-npu-gen")
 
@@ -33,20 +33,6 @@ def part_params(model: torch.nn.Module, part: Part) -> int:
     if part.head:
         modules += [inner.norm, model.lm_head]
     return sum(p.numel() for m in modules for p in m.parameters())
-
-
-def cpu_stepper(model: str, folder, count: int, prefill_len: int) -> StaticStepper:
-    """The host loop over the `count` FP32 parts of `model` in `folder`, on onnxruntime's CPU EP."""
-    def graphs(ar):
-        paths = [folder / artifacts.npu_gen_part(model, ar, i).name for i in range(count)]
-        return [Signature.read(p) for p in paths], [_runner(onnx_models.cpu_session(p)) for p in paths]
-
-    signatures, prefill = graphs(prefill_len)
-    return StaticStepper(signatures, prefill, graphs(1)[1])
-
-
-def _runner(session):
-    return lambda feeds: session.run(None, feeds)
 
 
 def run(cfg: Config) -> dict:
@@ -86,7 +72,8 @@ def run(cfg: Config) -> dict:
             expected = [model(input_ids=torch.from_numpy(p[None])).logits[0, -1].numpy() for p in prompts]
         del model
         gc.collect()
-        stepper = cpu_stepper(cfg.model.name, tmp, len(parts), gen.prefill_len)
+        stepper = open_parts({ar: [tmp / artifacts.npu_gen_part(cfg.model.name, ar, p.index).name for p in parts]
+                              for ar in (gen.prefill_len, 1)}, onnx_models.cpu_session)
         got = [stepper.prefill(p) for p in prompts]
         error = fidelity.export_error((g[None], e[None], None) for g, e in zip(got, expected)) if prompts.size \
             else {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "top1_equal": 1.0}

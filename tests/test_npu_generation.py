@@ -155,7 +155,6 @@ def test_appbuilder_generates_from_the_shared_binaries(pipeline, monkeypatch):
 
     import antinet_npu.backends.appbuilder as ab
     from antinet_npu.config import load
-    from antinet_npu.stages.compile_gen import stepper as parts_stepper
 
     monkeypatch.chdir(pipeline.path)
     fp32 = {ar: [artifacts.npu_gen_part("tiny-qwen2", ar, i) for i in range(2)] for ar in (32, 1)}
@@ -183,7 +182,7 @@ def test_appbuilder_generates_from_the_shared_binaries(pipeline, monkeypatch):
     prompt = np.arange(100, 140)
     got = list(generation.generate(backend.stepper(), prompt, 8))
     backend.close()
-    expected = list(generation.generate(parts_stepper(fp32, cpu_session), prompt, 8))
+    expected = list(generation.generate(static_llm.open_parts(fp32, cpu_session), prompt, 8))
     assert got == expected
     assert [c for c in calls if c[0] == "QNNContext"] == [("QNNContext", "ar32-part0_ctx_qnn"),
                                                           ("QNNContext", "ar32-part1_ctx_qnn")]

@@ -10,7 +10,7 @@ from antinet_npu import AntinetError, qnn
 from antinet_npu.backends import Backend
 from antinet_npu.config import HTP_PERF_MODES
 from antinet_npu.signature import Signature
-from antinet_npu.static_llm import StaticStepper, check_built_for
+from antinet_npu.static_llm import StaticStepper, check_built_for, open_parts
 
 
 class QnnHtpBackend(Backend):
@@ -53,12 +53,12 @@ class QnnHtpBackend(Backend):
         wrappers = sorted(where.glob("*_ctx.onnx"))
         if not wrappers:
             raise AntinetError(f"{where} holds no context wrappers: run `dvc repro compile-gen` first")
-        graphs: dict[int, dict[int, tuple[Signature, Path]]] = {}
+        graphs: dict[int, dict[int, Path]] = {}
         gen = self.cfg.compile.generation
         for path in wrappers:
             signature = Signature.read(path)
             check_built_for(path, signature, gen.prefill_len, gen.context_length, gen.parts, "compile-gen")
-            graphs.setdefault(signature.seq_len, {})[signature.part.index] = (signature, path)
+            graphs.setdefault(signature.seq_len, {})[signature.part.index] = path
         if len(graphs) != 2 or 1 not in graphs:
             raise AntinetError(f"{where} must hold an AR-N and an AR-1 graph per part, found AR "
                                f"{sorted(graphs)}: re-run `dvc repro compile-gen`")
@@ -71,18 +71,13 @@ class QnnHtpBackend(Backend):
             except AntinetError as exc:
                 raise AntinetError(f"{exc}: if {path.name} or its context binary is damaged, delete them and re-run "
                                    "`dvc repro compile-gen`") from None
-            return lambda feeds: session.run(None, feeds)
+            return session
 
-        prefill_len = max(graphs)
-        count = graphs[prefill_len][0][0].part.count
         for ar in graphs:
-            if sorted(graphs[ar]) != list(range(count)):
-                raise AntinetError(f"{where}: the AR-{ar} graphs cover parts {sorted(graphs[ar])} of {count}: re-run "
-                                   "`dvc repro compile-gen`")
-        ordered = {ar: [graphs[ar][i] for i in range(count)] for ar in graphs}
-        self.parts = StaticStepper([s for s, _ in ordered[prefill_len]],
-                                   [open_graph(p) for _, p in ordered[prefill_len]],
-                                   [open_graph(p) for _, p in ordered[1]])
+            if sorted(graphs[ar]) != list(range(gen.parts)):
+                raise AntinetError(f"{where}: the AR-{ar} graphs cover parts {sorted(graphs[ar])} of {gen.parts}: "
+                                   "re-run `dvc repro compile-gen`")
+        self.parts = open_parts({ar: [graphs[ar][i] for i in range(gen.parts)] for ar in graphs}, open_graph)
 
     def run(self, input_ids: np.ndarray) -> np.ndarray:
         if self.parts is not None:  # one pass = a prefill in AR-N chunks
