@@ -440,6 +440,8 @@ class CompileConfig:
                                                          "decomposed: Pow/ReduceMean/Sqrt/Div as PyTorch traces it"))
     calib_samples: int = field(default=16, metadata=_help("calibration windows (calib split)"))
     verify_samples: int = field(default=4, metadata=_help("held-out windows run on the QNN backend"))
+    verify_workers: int = field(default=2, metadata=_help("processes verification runs in on the x86_64 emulator, one "
+                                                          "pinned per core (1.65x on 2 cores); 1 on a device"))
     allow_cpu_fallback: bool = field(default=False, metadata=_help("accept compute nodes outside the context"))
     mode: str = field(default="fail", metadata=_help("fail | warn when under the fidelity gate"))
     gates: dict[str, GateConfig] = field(default_factory=dict)
@@ -457,6 +459,7 @@ class CompileConfig:
         _require(self.calib_samples > 0 and self.verify_samples > 0,
                  f"compile.calib_samples and compile.verify_samples must be > 0, got {self.calib_samples} and "
                  f"{self.verify_samples}")
+        _require(self.verify_workers >= 1, f"compile.verify_workers must be >= 1, got {self.verify_workers}")
         _require(self.mode in GATE_MODES, f"compile.mode must be one of {', '.join(GATE_MODES)}")
         _require(self.mask_value < 0, f"compile.mask_value must be negative, got {self.mask_value}")
         _require(self.rmsnorm in RMSNORM_FORMS, f"compile.rmsnorm must be one of {', '.join(RMSNORM_FORMS)}")

@@ -7,6 +7,7 @@ binaries, but its timings say nothing about the NPU, so everything it runs is la
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -98,6 +99,32 @@ def session(model: Path, target: TargetConfig, *, backend: str = "htp", perf_mod
     except Exception as exc:  # onnxruntime's Fail / InvalidGraph / RuntimeException
         first = str(exc).strip().splitlines()[0][:300]
         raise AntinetError(f"the QNN {backend.upper()} backend could not build {model.name}: {first}") from None
+
+
+@dataclass
+class HtpGraphs:
+    """Context models opened on the HTP backend on first use and kept, once per process. Plain data until then, so
+    it pickles into the worker processes that verification is spread over (`cores.spread`)."""
+
+    target: TargetConfig
+    allow_cpu_fallback: bool = False
+    _sessions: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_sessions": {}}
+
+    def open(self, model: Path):
+        if str(model) not in self._sessions:
+            self._sessions[str(model)] = session(model, self.target, allow_cpu_fallback=self.allow_cpu_fallback)
+        return self._sessions[str(model)]
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+
+def verify_workers(wanted: int) -> int:
+    """Processes to verify in: several only on the emulator (a device has one NPU to share)."""
+    return wanted if emulated() else 1
 
 
 def compile_context(qdq_model: Path, ctx_model: Path, target: TargetConfig, allow_cpu_fallback: bool = False) -> None:

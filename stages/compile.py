@@ -10,11 +10,14 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from functools import partial
+from pathlib import Path
 
 from antinet_npu import (
     AntinetError,
     artifacts,
     checkpoint,
+    cores,
     corpus,
     fidelity,
     onnx_models,
@@ -78,15 +81,18 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
         signature.write(tmp / ctx_out.name)
 
         start = time.perf_counter()
-        log.info("verifying on the QNN HTP backend%s: %d held-out windows", " (emulator)" if qnn.emulated() else "",
-                 len(held_out))
-        npu = qnn.session(tmp / ctx_out.name, cfg.target, allow_cpu_fallback=cc.allow_cpu_fallback)
+        workers = min(qnn.verify_workers(cc.verify_workers), len(held_out))
+        log.info("verifying on the QNN HTP backend%s: %d held-out windows, %d process(es)",
+                 " (emulator)" if qnn.emulated() else "", len(held_out), workers)
+        feeds = [signature.static_feeds(ids) for ids in held_out]
+        graphs = qnn.HtpGraphs(cfg.target, cc.allow_cpu_fallback)
+        got = cores.spread(partial(_context_logits, graphs, tmp / ctx_out.name), feeds, workers)
+        graphs.close()
         reference = onnx_models.cpu_session(src)
         meter = fidelity.FidelityMeter()
-        for ids in held_out:
-            feeds = signature.static_feeds(ids)
-            meter.add(reference.run(None, feeds)[0], npu.run(None, feeds)[0], feeds["input_ids"])
-        del npu, reference
+        for f in feeds:
+            meter.add(reference.run(None, f)[0], got.pop(0), f["input_ids"])
+        del reference
         result = meter.result()
         violations = fidelity.gate_violations(f"{precision}-{seq_len}", result, cc.gate(precision))
         metrics = record(
@@ -101,7 +107,8 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
             bin_size_mb=round(sum(b.stat().st_size for b in bins) / 1e6, 3),
             qdq_size_mb=round(artifacts.onnx_size_mb(tmp / qdq_out.name), 3),
             quantize_seconds=round(quantize_seconds, 2), compile_seconds=round(compile_seconds, 2),
-            verify_seconds=round(time.perf_counter() - start, 2), gate_passed=not violations)
+            verify_seconds=round(time.perf_counter() - start, 2), verify_workers=workers,
+            worker_peak_rss_mb=round(cores.worker_peak_rss_mb(), 1), gate_passed=not violations)
         artifacts.write_metrics(artifacts.METRICS / "compile" / f"{precision}-{seq_len}.json", metrics)
         if violations and cc.gate_mode(precision) == "fail":
             raise AntinetError("fidelity gate: " + "; ".join(violations) + " (bounds in compile.gates)")
@@ -112,3 +119,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
              result["cosine"], 100 * result["ppl_increase"], fidelity.interval_text(result),
              compute_nodes - len(outside), compute_nodes, " (emulated)" if qnn.emulated() else "")
     return metrics
+
+
+def _context_logits(graphs: qnn.HtpGraphs, ctx: Path, feeds: dict):
+    return graphs.open(ctx).run(None, feeds)[0]

@@ -13,12 +13,16 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
 
 from antinet_npu import (
     AntinetError,
     artifacts,
     checkpoint,
+    cores,
     corpus,
     fidelity,
     generation,
@@ -116,18 +120,23 @@ def run(cfg: Config, precision: str) -> dict:
         build_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
+        jobs = [("score", w) for w in held_out] + [("generate", p) for p in prompts]
+        workers = min(qnn.verify_workers(cc.verify_workers), len(jobs))
         log.info("verifying on the QNN HTP backend%s from the unshared binaries: %d held-out windows, %d prompts x %d "
-                 "tokens", " (emulator)" if qnn.emulated() else "", len(held_out), len(prompts), gen.verify_new_tokens)
+                 "tokens, %d process(es)", " (emulator)" if qnn.emulated() else "", len(held_out), len(prompts),
+                 gen.verify_new_tokens, workers)
+        npu = _NpuParts(qnn.HtpGraphs(cfg.target, cc.allow_cpu_fallback), gen.verify_new_tokens,
+                        {ar: [artifacts.qnn_gen_ctx(tmp, ar, i, verify=True) for i in range(gen.parts)]
+                         for ar in (n, 1)})
+        answers = cores.spread(npu, jobs, workers)
+        npu.graphs.close()
         reference = open_parts(fp32, onnx_models.cpu_session)
-        npu = open_parts({ar: [artifacts.qnn_gen_ctx(tmp, ar, i, verify=True) for i in range(gen.parts)]
-                       for ar in (n, 1)},
-                      lambda p: qnn.session(p, cfg.target, allow_cpu_fallback=cc.allow_cpu_fallback))
         meter = fidelity.FidelityMeter()
-        for window in held_out:
-            meter.add(reference.score(window)[None], npu.score(window)[None], window[None])
+        for window, logits in zip(held_out, answers[:len(held_out)]):
+            meter.add(reference.score(window)[None], logits[None], window[None])
         expected = [list(generation.generate(reference, p, gen.verify_new_tokens)) for p in prompts]
-        got = [list(generation.generate(npu, p, gen.verify_new_tokens)) for p in prompts]
-        del reference, npu
+        got = answers[len(held_out):]
+        del reference, answers
         result = meter.result()
         agreement = fidelity.generation_agreement(expected, got) if prompts.size else {}
         violations = fidelity.gate_violations(f"{precision} generation", result, cc.gate(precision))
@@ -144,6 +153,7 @@ def run(cfg: Config, precision: str) -> dict:
             calib_prompts=len(calib), samples=len(held_out), window_len=int(held_out.shape[1]), **result,
             **agreement, gen_prompts=len(prompts), gen_tokens=gen.verify_new_tokens,
             build_seconds=round(build_seconds, 2), verify_seconds=round(time.perf_counter() - start, 2),
+            verify_workers=workers, worker_peak_rss_mb=round(cores.worker_peak_rss_mb(), 1),
             gate_passed=not violations)
         artifacts.write_metrics(artifacts.METRICS / "compile-gen" / f"{precision}.json", metrics)
         if violations and cc.gate_mode(precision) == "fail":
@@ -155,4 +165,19 @@ def run(cfg: Config, precision: str) -> dict:
              100 * result["ppl_increase"], fidelity.interval_text(result), agreement.get("gen_agreement", float("nan")),
              " (emulated)" if qnn.emulated() else "")
     return metrics
+
+
+@dataclass
+class _NpuParts:
+    """One verification job on the HTP parts: ("score", window) -> logits, ("generate", prompt) -> greedy tokens.
+    Pickles into the worker processes (cores.spread); the sessions open there, once."""
+
+    graphs: qnn.HtpGraphs
+    new_tokens: int
+    sources: dict[int, list[Path]]
+
+    def __call__(self, job: tuple[str, np.ndarray]):
+        kind, ids = job
+        stepper = open_parts(self.sources, self.graphs.open)
+        return stepper.score(ids) if kind == "score" else list(generation.generate(stepper, ids, self.new_tokens))
 
