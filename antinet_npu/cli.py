@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # libraries' INFO lines (one per quantized node) would drown the stage's own
         for name in ("onnxruntime", "onnx", "transformers", "dvc", "httpx", "urllib3"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:  # onnxruntime.quantization logs through the root logger
+            handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return _dispatch(args)

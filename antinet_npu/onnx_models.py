@@ -6,6 +6,7 @@ models over 2 GB work and the set of files a stage writes is always the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +35,30 @@ def consolidate(raw: Path, out: Path, size_threshold: int = 1024) -> None:
     The TorchScript exporter writes a model over 2 GB with one file per tensor; `onnx.load` + `save` would hold all
     the weights in memory next to the PyTorch model (2 x 6 GB for Qwen2-1.5B). Copying tensor by tensor does not.
     """
+    stream_weights(onnx.load(str(raw), load_external_data=False), raw.parent, out, size_threshold)
+
+
+def stream_weights(model: onnx.ModelProto, src_dir: Path, out: Path, size_threshold: int = 1024,
+                   convert: Callable[[onnx.TensorProto, bytes], bytes] | None = None) -> None:
+    """Write `model` (loaded without its external data, which lives under `src_dir`) as `out` + one `out.data`,
+    reading, optionally converting (`convert(tensor, bytes) -> bytes`) and writing one tensor at a time: the
+    weights are never all in memory."""
     from onnx.external_data_helper import _get_all_tensors
 
-    model = onnx.load(str(raw), load_external_data=False)
     data = external_data(out)
     with open(data, "wb") as sink:
         for tensor in _get_all_tensors(model):
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 info = {e.key: e.value for e in tensor.external_data}
-                with open(raw.parent / info["location"], "rb") as src:
+                with open(src_dir / info["location"], "rb") as src:
                     src.seek(int(info.get("offset", 0)))
                     blob = src.read(int(info["length"])) if "length" in info else src.read()
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
                 blob = tensor.raw_data
             else:
                 continue
+            if convert is not None:
+                blob = convert(tensor, blob)
             sink.seek((sink.tell() + 4095) // 4096 * 4096)  # page-aligned, as onnx's own writer does
             offset = sink.tell()
             sink.write(blob)

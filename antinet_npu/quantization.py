@@ -7,6 +7,7 @@ NPU numerics.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import onnx
 
 from antinet_npu.artifacts import MODELS, scratch_dir
 from antinet_npu.config import QdqRecipeConfig, RecipeConfig
-from antinet_npu.onnx_models import save
+from antinet_npu.onnx_models import save, stream_weights
 from antinet_npu.sensitivity import group_of
 
 log = logging.getLogger(__name__)
@@ -35,34 +36,87 @@ def weight_groups(src: Path, op_types: tuple[str, ...] = ("MatMul", "Gather")) -
 
 
 def fp16(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:
-    """Float16 weights and compute; graph inputs/outputs stay float32 when `keep_io_types`."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """Float16 weights and compute; graph inputs/outputs stay float32 when `keep_io_types`.
+
+    Streamed: onnxruntime's converter rewrites the graph loaded without its weights (there it only changes types),
+    then each weight it turned to float16 is read, converted and written one at a time. Converting the loaded
+    model peaked at 13.2 GB for Qwen2-1.5B (the FP32 weights, their float16 copies and the converter's temporaries).
+    """
+    from onnxruntime.transformers import float16
 
     with scratch_dir(MODELS, "quantize") as tmp:
         # Shape inference on a file: in memory, protobuf cannot serialize a model over 2 GB.
         inferred = Path(tmp) / "inferred.onnx"
         onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
         model = onnx.load(inferred, load_external_data=False)
-        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
-    save(convert_float_to_float16(model, keep_io_types=recipe.keep_io_types, disable_shape_infer=True,
-                                  op_block_list=recipe.op_block_list or None,
-                                  node_block_list=recipe.nodes_to_exclude or None), out)
+    was_fp32 = {t.name for t in _external_tensors(model) if t.data_type == onnx.TensorProto.FLOAT}
+    shape_of = float16.make_value_info_from_tensor
+    # the converter reads a converted weight's data only for its shape; without the data, its dims are the shape
+    float16.make_value_info_from_tensor = lambda t: onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+    try:
+        model = float16.convert_float_to_float16(model, keep_io_types=recipe.keep_io_types, disable_shape_infer=True,
+                                                 op_block_list=recipe.op_block_list or None,
+                                                 node_block_list=recipe.nodes_to_exclude or None)
+    finally:
+        float16.make_value_info_from_tensor = shape_of
+
+    def convert(tensor: onnx.TensorProto, blob: bytes) -> bytes:
+        if tensor.name not in was_fp32 or tensor.data_type != onnx.TensorProto.FLOAT16:
+            return blob  # left float32 (a blocked node's) or not a float tensor
+        values = np.frombuffer(blob, np.float32)
+        step = 1 << 24  # the converter's clamping makes several temporaries: bound them
+        return b"".join(float16.convert_np_to_float16(values[i:i + step]).tobytes()
+                        for i in range(0, values.size, step))
+
+    stream_weights(model, src.parent, out, convert=convert)
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors
+
+    return [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 def dynamic_int8(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:
     """onnxruntime `quantize_dynamic`: int8 weights, activations quantized per tensor at run time.
 
-    `keep`: nodes left in float (a mixed recipe's most sensitive groups)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    `keep`: nodes left in float (a mixed recipe's most sensitive groups).
 
-    # Written straight to `out` (weights in `out.data`, as `save` names them): no second in-memory copy.
+    Memory: onnxruntime loads the model with its weights, then (dynamic mode) re-runs shape inference through a deep
+    copy, a save and a reload: three copies of the FP32 weights at once, 21.9 GB for Qwen2-1.5B (protobuf does not
+    give a cleared tensor's memory back). Here the first load reads the graph only and the round trip streams the
+    weights from the source file into the copy it reloads: one copy of the weights in memory.
+    """
+    from onnxruntime.quantization import QuantType, onnx_quantizer, quantize_dynamic
+    from onnxruntime.quantization.quant_utils import add_infer_metadata, load_model_with_shape_infer
+
+    def load_graph_only(path: Path) -> onnx.ModelProto:
+        with scratch_dir(MODELS, "quantize") as tmp:
+            onnx.shape_inference.infer_shapes_path(str(path), str(tmp / "inferred.onnx"))
+            model = onnx.load(tmp / "inferred.onnx", load_external_data=False)  # weights stay in src's data file
+        add_infer_metadata(model)
+        return model
+
+    def reload_streaming(model: onnx.ModelProto) -> onnx.ModelProto:
+        with scratch_dir(MODELS, "quantize") as tmp:
+            stream_weights(model, src.parent, tmp / "model.onnx")
+            return load_model_with_shape_infer(tmp / "model.onnx")
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function
+    patched = ((ort_quantize, "load_model_with_shape_infer", load_graph_only),
+               (onnx_quantizer, "save_and_reload_model_with_shape_infer", reload_streaming))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patched]
+    for module, name, fn in patched:
+        setattr(module, name, fn)
+    # Written straight to `out` (weights in `out.data`, as `save` names them).
     try:
         quantize_dynamic(src, out, weight_type=getattr(QuantType, recipe.weight_type),
                          per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                          op_types_to_quantize=recipe.op_types or None,
                          nodes_to_exclude=recipe.nodes_to_exclude + keep or None, use_external_data_format=True)
-    finally:  # onnxruntime writes a shape-inferred copy beside the input and leaves it there when it fails
-        src.with_name(f"{src.stem}-inferred{src.suffix}").unlink(missing_ok=True)
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
 
 
 def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:

@@ -73,11 +73,13 @@ def run(cfg: Config, precision: str) -> dict:
 
     out = artifacts.qnn_gen_dir(model, precision)
     parts_metrics = {}
+    part_nodes = [quantization.weight_groups(fp32[n][i], ("MatMul",)) for i in range(gen.parts)]
+    # a mixed recipe keeps the model's N most sensitive groups (as the single-pass graph does), wherever they live
+    kept = sensitivity.kept_groups(recipe.mixed, model, [g for nodes in part_nodes for g in nodes])
     with artifacts.staged_dir(out) as tmp:
         (tmp / "verify").mkdir()
-        for i in range(gen.parts):
-            nodes = quantization.weight_groups(fp32[n][i], ("MatMul",))
-            groups = sensitivity.kept_groups(recipe.mixed, model, nodes)
+        for i, nodes in enumerate(part_nodes):
+            groups = [g for g in kept if g in nodes]
             keep = [name for g in groups for name in nodes[g]]
             part = {"quantize_seconds": 0.0, "compile_seconds": 0.0, "cpu_compute_nodes": 0, "compute_nodes": 0}
             for ar in (n, 1):
@@ -146,6 +148,8 @@ def run(cfg: Config, precision: str) -> dict:
             prefill_len=n, context_length=gen.context_length, num_parts=gen.parts,
             activation_type=recipe.activation_type, weight_type=recipe.weight_type,
             kv_type=recipe.kv_type or recipe.activation_type, float_residual=recipe.float_residual,
+            **sensitivity.mixed_metrics(recipe.mixed, kept, [x for nodes in part_nodes for g in kept
+                                                             for x in nodes.get(g, [])]),
             shared=gen.share, verified_binaries="unshared (verify/): the emulator cannot load a shared binary",
             shipped_binaries="shared: one per part, AR-N and AR-1" if gen.share else "unshared",
             parts=parts_metrics, bin_mb=round(sum(p["bin_mb"] for p in parts_metrics.values()), 3),

@@ -87,8 +87,8 @@ def test_4bit_recipe_within_five_percent(real):
 def test_npu_mixed_on_the_htp_backend(real):
     m = _metrics(real, "compile/w8a16-mixed-128")
     assert m["backend"] == "qnn-htp" and m["cpu_compute_nodes"] == 0 and m["samples"] >= 16
-    # the goal is top-1 >= 0.95 and +1 %; measured 0.953 and +1.12 % [+0.49, +1.80]: judged at its gate
-    assert m["top1_agreement"] >= 0.93 and m["ppl_increase"] <= 0.02 and m["gate_passed"]
+    # the goal: top-1 >= 0.95 and +1 % (measured 0.955, +0.15 % [-0.56, +0.90] with 32 groups at w16)
+    assert m["top1_agreement"] >= 0.95 and m["ppl_increase"] <= 0.01 and m["gate_passed"]
     assert m["kept_groups"] and m["mixed_keep_as"] == "w16" and m["float_residual"] is True
 
 
@@ -121,7 +121,9 @@ def test_npu_generation_parts_on_a_real_model(real):
     assert export["num_parts"] == 2 and export["greedy_prompts_equal"] >= 3
     m = _metrics(real, "compile-gen/w8a16-mixed")
     assert m["model"] == "smollm2-135m" and m["emulated"] and m["cpu_compute_nodes"] == 0
-    assert m["samples"] >= 16 and m["window_len"] == 128 and m["gate_passed"]  # the w8a16-mixed gate: +2 %, 0.93
+    assert m["samples"] >= 16 and m["window_len"] == 128 and m["gate_passed"]
+    assert m["top1_agreement"] >= 0.95 and m["ppl_increase"] <= 0.01  # the goal (measured 0.957, +0.64 %)
+    assert m["kept_groups"] == _metrics(real, "compile/w8a16-mixed-128")["kept_groups"]  # the model's top groups
     assert m["ppl_increase_ci_low"] <= m["ppl_increase"] <= m["ppl_increase_ci_high"]
     assert 0 <= m["gen_agreement"] <= 1 and m["gen_prompts"] >= 1
     assert all(p["bin_mb"] < p["unshared_bin_mb"] for p in m["parts"].values())

@@ -169,3 +169,12 @@ def test_an_unreachable_hub_is_detected_at_once(monkeypatch):
     monkeypatch.setattr(checkpoint, "_from_pretrained", lambda where, cfg, local_only: seen.update(local=local_only))
     checkpoint._load_hub(types.SimpleNamespace(source="Qwen/Qwen2-1.5B"))
     assert seen == {"local": True}  # the local cache only: no retries (transformers would spend ~25 s on them)
+
+
+@pytest.mark.slow
+def test_library_info_lines_only_with_verbose(pipeline, tmp_path):
+    project = clone_project(pipeline.path, tmp_path / "p")
+    quiet = run_cli(project, "quantize", "--precision", "int8-dynamic", check=True).stderr
+    assert "quantize: models/onnx/tiny-qwen2-int8-dynamic.onnx" in quiet
+    assert "Ignore MatMul" not in quiet  # onnxruntime.quantization: one INFO line per node, through the root logger
+    assert "Ignore MatMul" in run_cli(project, "-v", "quantize", "--precision", "int8-dynamic", check=True).stderr
