@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +226,7 @@ def quantize(src: Path, recipe: RecipeConfig, out: Path, keep: list[str] | None 
     METHODS[recipe.method](src, recipe, out, list(keep or []))
 
 
-def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: list[dict], keep: list[str] | None = None
+def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], keep: list[str] | None = None
                ) -> onnx.ModelProto:
     """Static QDQ for QNN: activation/weight types from the recipe, ranges calibrated on `calibration` feeds.
 

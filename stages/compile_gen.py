@@ -68,8 +68,9 @@ def run(cfg: Config, precision: str) -> dict:
         for _ in generation.generate(tracer, prompt, gen.calib_new_tokens):
             pass
     del tracer
-    log.info("calibration traces: %d prompts x (prefill + %d decode steps): %s", len(calib), gen.calib_new_tokens,
-             ", ".join(f"AR-{ar} part {i}: {len(v)}" for (ar, i), v in sorted(traces.items())))
+    log.info("calibration traces: %d prompts x (prefill + %d decode steps): %s (%.0f MB kept)", len(calib),
+             gen.calib_new_tokens, ", ".join(f"AR-{ar} part {i}: {len(v)}" for (ar, i), v in sorted(traces.items())),
+             sum(x.nbytes for v in traces.values() for t in v for x in t.feeds.values()) / 1e6)
 
     out = artifacts.qnn_gen_dir(model, precision)
     parts_metrics = {}
@@ -84,7 +85,7 @@ def run(cfg: Config, precision: str) -> dict:
             part = {"quantize_seconds": 0.0, "compile_seconds": 0.0, "cpu_compute_nodes": 0, "compute_nodes": 0}
             for ar in (n, 1):
                 t = time.perf_counter()
-                qdq_model = quantization.qdq_static(fp32[ar][i], recipe, traces.pop((ar, i)), keep)
+                qdq_model = quantization.qdq_static(fp32[ar][i], recipe, (t.full() for t in traces.pop((ar, i))), keep)
                 part["compute_nodes"] += sum(x.op_type not in qnn.BOUNDARY_OPS for x in qdq_model.graph.node)
                 qdq = artifacts.qnn_gen_qdq(tmp, ar, i)
                 onnx_models.save(qdq_model, qdq)

@@ -189,3 +189,20 @@ def test_appbuilder_generates_from_the_shared_binaries(pipeline, monkeypatch):
     inference = [c[1:] for c in calls if c[0] == "Inference"]
     assert inference[:4] == [(0, 0, np.float32), (1, 0, np.float32)] * 2  # two AR-32 chunks, then AR-1
     assert inference[4:6] == [(0, 1, np.float32), (1, 1, np.float32)] and len(inference) == 4 + 2 * 7
+
+
+@pytest.mark.parametrize("filled", [0, 3, 10])
+def test_calibration_traces_keep_only_the_filled_slots(filled):
+    rng = np.random.default_rng(0)
+    past_len, ar = 10, 2
+    mask = np.full((1, 1, ar, past_len + ar), -100.0, np.float32)
+    mask[:, :, :, past_len - filled:past_len] = 0.0  # what StaticStepper._mask gives: the filled slots, right-aligned
+    mask[:, :, :, past_len:] = np.where(np.tril(np.ones((ar, ar), bool)), 0.0, -100.0)
+    past = np.zeros((1, 2, past_len, 4), np.float32)
+    past[:, :, past_len - filled:] = rng.standard_normal((1, 2, filled, 4))
+    feeds = {"hidden_states": rng.standard_normal((1, ar, 8)).astype(np.float32), "attention_mask": mask,
+             "past_key_0_in": past, "past_value_0_in": past * 2}
+    trace = static_llm.Trace.of(feeds)
+    assert trace.feeds["past_key_0_in"].shape == (1, 2, filled, 4)
+    full = trace.full()
+    assert full.keys() == feeds.keys() and all(np.array_equal(full[k], v) for k, v in feeds.items())
