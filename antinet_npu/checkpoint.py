@@ -125,7 +125,14 @@ def build_builtin(spec: BuiltinModelConfig, train_docs: list[Document]):
     model = Qwen2ForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
     info = {"num_parameters": sum(p.numel() for p in model.parameters())}
     if spec.train_steps:
-        info["train_loss"] = _train(model, token_stream(tokenizer, train_docs), spec)
+        # One thread: a parallel reduction's rounding depends on how the work was split, and a retrained model that
+        # differs in its last bits makes every downstream stage stale (seen once in the tests, under load).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            info["train_loss"] = _train(model, token_stream(tokenizer, train_docs), spec)
+        finally:
+            torch.set_num_threads(threads)
     return model.eval(), tokenizer, info
 
 
