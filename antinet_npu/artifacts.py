@@ -56,6 +56,11 @@ def npu_gen_part(model: str, ar: int, index: int) -> Path:
     return npu_gen_dir(model) / f"ar{ar}-part{index}.onnx"
 
 
+def npu_gen_weights(model: str, index: int) -> Path:
+    """The FP32 weights of part `index`, one file that its AR-N and AR-1 graphs both read."""
+    return npu_gen_dir(model) / f"part{index}.onnx.data"
+
+
 def qnn_gen_dir(model: str, precision: str) -> Path:
     """The compiled generation parts: QDQ graphs, the shared context binaries for the device (one .bin per part,
     AR-N and AR-1 wrappers), and under verify/ the unshared ones the x86_64 emulator runs."""

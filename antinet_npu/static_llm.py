@@ -90,6 +90,14 @@ class StaticStepper:
         chunks = [self._run(padded[i:i + ar], real[i:i + ar]) for i in range(0, padded.size, ar)]
         return np.concatenate(chunks)[pad:]
 
+    def state(self) -> tuple:
+        """The cache after the last call (its arrays are replaced, never written in place, so no copy is needed)."""
+        return dict(self.keys), dict(self.values), self.length
+
+    def restore(self, state: tuple) -> None:
+        keys, values, self.length = state
+        self.keys, self.values = dict(keys), dict(values)
+
     def decode(self, token: int) -> np.ndarray:
         return self._run(np.array([token], np.int64), np.ones(1, bool))[-1]
 
@@ -167,14 +175,40 @@ def _is_past(name: str) -> bool:
 def open_parts(sources: dict[int, list], open_graph: Callable, record_into: dict | None = None) -> StaticStepper:
     """The host loop over part graphs: `sources[ar]` their paths in part order (AR-N and AR-1), `open_graph(path)` a
     session with `run(None, feeds)`. With `record_into`, every call's feeds are kept under (ar, part index) as
-    `Trace`s (calibration)."""
+    `Trace`s (calibration).
+
+    Sessions open on first use, and only one AR's at a time: opening an AR-1 graph closes the AR-N sessions and the
+    other way round. A part's two graphs hold the same weights, and both sets open at once (Qwen2-1.5B: 8 FP32
+    sessions, ~14 GB) would not fit a stage's 12 GB. Generation switches twice per prompt (prefill, then decode);
+    `trace_generation` switches twice in all. (`qnn.HtpGraphs` keeps its own sessions open: quantized, they fit.)"""
     prefill_len = max(sources)
+    resident: dict[tuple[int, int], object] = {}
+
+    def session(key, path):
+        if key not in resident:
+            for other in [k for k in resident if k[0] != key[0]]:
+                del resident[other]
+            resident[key] = open_graph(path)
+        return resident[key]
 
     def runner(path, key):
-        session = open_graph(path)
         if record_into is None:
-            return lambda feeds: session.run(None, feeds)
-        return lambda feeds: (record_into.setdefault(key, []).append(Trace.of(feeds)), session.run(None, feeds))[1]
+            return lambda feeds: session(key, path).run(None, feeds)
+        return lambda feeds: (record_into.setdefault(key, []).append(Trace.of(feeds)),
+                              session(key, path).run(None, feeds))[1]
 
     graphs = {ar: [runner(p, (ar, i)) for i, p in enumerate(paths)] for ar, paths in sources.items()}
     return StaticStepper([Signature.read(p) for p in sources[prefill_len]], graphs[prefill_len], graphs[1])
+
+
+def trace_generation(stepper: StaticStepper, prompts: Sequence[np.ndarray], new_tokens: int) -> None:
+    """Greedy generation of `new_tokens` tokens from each prompt, as `generation.generate` does it (no EOS stop),
+    but every prompt's prefill first, then every prompt's decode: two session switches in all (see `open_parts`)."""
+    started = []
+    for prompt in prompts:
+        token = int(np.argmax(stepper.prefill(prompt)))
+        started.append((stepper.state(), token))
+    for state, token in started:
+        stepper.restore(state)
+        for _ in range(new_tokens - 1):
+            token = int(np.argmax(stepper.decode(token)))

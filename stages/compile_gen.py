@@ -34,7 +34,7 @@ from antinet_npu import (
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 from antinet_npu.signature import Signature
-from antinet_npu.static_llm import check_built_for, open_parts
+from antinet_npu.static_llm import check_built_for, open_parts, trace_generation
 
 log = logging.getLogger("compile-gen")
 
@@ -63,11 +63,7 @@ def run(cfg: Config, precision: str) -> dict:
 
     start = time.perf_counter()
     traces: dict = {}
-    tracer = open_parts(fp32, onnx_models.cpu_session, traces)
-    for prompt in calib:
-        for _ in generation.generate(tracer, prompt, gen.calib_new_tokens):
-            pass
-    del tracer
+    trace_generation(open_parts(fp32, onnx_models.cpu_session, traces), calib, gen.calib_new_tokens)
     log.info("calibration traces: %d prompts x (prefill + %d decode steps): %s (%.0f MB kept)", len(calib),
              gen.calib_new_tokens, ", ".join(f"AR-{ar} part {i}: {len(v)}" for (ar, i), v in sorted(traces.items())),
              sum(x.nbytes for v in traces.values() for t in v for x in t.feeds.values()) / 1e6)

@@ -1,7 +1,8 @@
 """Stage `export-npu-gen`: snapshot -> the NPU's static generation graphs, `models/npu-gen/<model>/`.
 
 Per part (compile.generation.parts: embedding in the first, decoder layers split evenly, lm_head in the last) an
-AR-N prefill graph and an AR-1 decode graph over the context CL (see `static_llm`). Each part's weights are counted
+AR-N prefill graph and an AR-1 decode graph over the context CL (see `static_llm`), both reading one weights file
+`part<i>.onnx.data`. Each part's weights are counted
 before anything is written: a part over compile.generation.max_part_mb (at 8-bit weights) is refused. Checked before
 it is kept: prefill + decode through the FP32 parts on the CPU give PyTorch generate()'s greedy tokens.
 """
@@ -61,12 +62,15 @@ def run(cfg: Config) -> dict:
     log.info("exporting %d parts x (AR-%d, AR-1) over a context of %d to %s", len(parts), gen.prefill_len,
              gen.context_length, out)
     with artifacts.staged_dir(out) as tmp:
-        for ar in (gen.prefill_len, 1):
-            for part in parts:
-                path = tmp / artifacts.npu_gen_part(cfg.model.name, ar, part.index).name
+        for part in parts:  # part by part: the AR-1 copy of a part's weights is on disk only until it is shared
+            paths = [tmp / artifacts.npu_gen_part(cfg.model.name, ar, part.index).name for ar in (gen.prefill_len, 1)]
+            for ar, path in zip((gen.prefill_len, 1), paths):
                 onnx_export.export_part(model, part, path, ar, gen.context_length, cfg.compile.opset,
                                         cfg.compile.mask_value).write(path)
-                log.info("  %s (%.1f MB)", path.name, artifacts.onnx_size_mb(path))
+            weights = tmp / artifacts.npu_gen_weights(cfg.model.name, part.index).name
+            onnx_models.share_weights(paths, weights)
+            log.info("  part %d: %s over %s (%.1f MB)", part.index, ", ".join(p.name for p in paths), weights.name,
+                     weights.stat().st_size / 1e6)
         export_seconds = time.perf_counter() - start
         with torch.no_grad():  # the last logits of each prompt, for the record
             expected = [model(input_ids=torch.from_numpy(p[None])).logits[0, -1].numpy() for p in prompts]
@@ -86,8 +90,10 @@ def run(cfg: Config) -> dict:
                      parts={f"part{p.index}": {"first_layer": p.first_layer, "num_layers": p.num_layers,
                              "embedding": p.embeds, "lm_head": p.head, "params": n,
                              "weight_mb_8bit": round(n / 1e6, 3),
-                             "size_mb": {f"ar{ar}": round(artifacts.onnx_size_mb(out / artifacts.npu_gen_part(
-                                 cfg.model.name, ar, p.index).name), 3) for ar in (gen.prefill_len, 1)}}
+                             "weights_mb": round(artifacts.npu_gen_weights(cfg.model.name, p.index).stat().st_size
+                                                 / 1e6, 3),  # FP32, one file for both graphs
+                             "graph_mb": {f"ar{ar}": round(artifacts.onnx_size_mb(artifacts.npu_gen_part(
+                                 cfg.model.name, ar, p.index)), 3) for ar in (gen.prefill_len, 1)}}
                             for p, n in zip(parts, sizes)},
                      max_part_mb=gen.max_part_mb, **error, greedy_prompts_equal=len(prompts),
                      greedy_new_tokens=cfg.export.validate_new_tokens, export_seconds=round(export_seconds, 2),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from antinet_npu import AntinetError, artifacts, checkpoint, generation, onnx_export, static_llm
+from antinet_npu import AntinetError, artifacts, checkpoint, generation, onnx_export, onnx_models, static_llm
 from antinet_npu.onnx_models import cpu_session
 from antinet_npu.signature import Signature
 from conftest import error_line
@@ -43,6 +43,10 @@ def test_stage_checks_the_parts_against_pytorch_greedy(pipeline):
     folder = pipeline.path / artifacts.npu_gen_dir("tiny-qwen2")
     assert sorted(p.name for p in folder.glob("*.onnx")) == ["ar1-part0.onnx", "ar1-part1.onnx", "ar32-part0.onnx",
                                                             "ar32-part1.onnx"]
+    # one weights file per part, read by both of its graphs
+    assert sorted(p.name for p in folder.glob("*.data")) == ["part0.onnx.data", "part1.onnx.data"]
+    assert onnx_models.data_files(folder / "ar1-part1.onnx") == [folder / "part1.onnx.data"]
+    assert m["parts"]["part1"]["weights_mb"] == round((folder / "part1.onnx.data").stat().st_size / 1e6, 3)
     signature = Signature.read(folder / "ar32-part1.onnx")
     assert signature.seq_len == 32 and signature.context_length == 256 and signature.part.head
     assert signature.inputs[:4] == ("hidden_states", "attention_mask", "position_cos", "position_sin")
@@ -206,3 +210,43 @@ def test_calibration_traces_keep_only_the_filled_slots(filled):
     assert trace.feeds["past_key_0_in"].shape == (1, 2, filled, 4)
     full = trace.full()
     assert full.keys() == feeds.keys() and all(np.array_equal(full[k], v) for k, v in feeds.items())
+
+
+@pytest.mark.slow
+def test_one_ar_of_sessions_is_open_at_a_time_and_tracing_calls_what_generation_calls(pipeline, monkeypatch):
+    """The memory bound at Qwen2-1.5B (a part's AR-N and AR-1 sessions never open together) on the builtin's parts;
+    `trace_generation` (prefill all prompts, then decode) records the calls `generate` makes prompt by prompt."""
+    monkeypatch.chdir(pipeline.path)
+    fp32 = {ar: [artifacts.npu_gen_part("tiny-qwen2", ar, i) for i in range(2)] for ar in (32, 1)}
+    ar_of = {p: ar for ar, paths in fp32.items() for p in paths}
+    live, opened = [], []
+
+    class Counted:
+        def __init__(self, path):
+            self.path, self.session = path, cpu_session(path)
+            live.append(path)
+            opened.append(path)
+            assert len({ar_of[p] for p in live}) == 1, live
+
+        def run(self, *args):
+            return self.session.run(*args)
+
+        def __del__(self):
+            live.remove(self.path)
+
+    prompts = [np.arange(100, 140), np.arange(300, 310)]
+    by_prompt: dict = {}
+    stepper = static_llm.open_parts(fp32, Counted, by_prompt)
+    for prompt in prompts:
+        list(generation.generate(stepper, prompt, 6))
+    assert len(opened) == 2 * 2 * len(prompts)  # both ARs' parts, opened again for every prompt
+    del stepper
+    opened.clear()
+    phased: dict = {}
+    static_llm.trace_generation(static_llm.open_parts(fp32, Counted, phased), prompts, 6)
+    assert len(opened) == 2 * 2  # each session opened once
+    assert by_prompt.keys() == phased.keys()
+    for key in by_prompt:
+        assert len(by_prompt[key]) == len(phased[key])
+        for a, b in zip(by_prompt[key], phased[key]):
+            assert a.feeds.keys() == b.feeds.keys() and all(np.array_equal(a.feeds[k], b.feeds[k]) for k in a.feeds)
