@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +37,16 @@ def part_params(model: torch.nn.Module, part: Part) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
+def weights_of(part: Part, tied: bool) -> Callable[[str], bool]:
+    """Selects, by checkpoint name, the weights `part` runs on (a tied lm_head is the embedding)."""
+    prefixes = [f"model.layers.{i}." for i in part.layers]
+    if part.embeds:
+        prefixes.append("model.embed_tokens.")
+    if part.head:
+        prefixes += ["model.norm.", "lm_head.", *(["model.embed_tokens."] if tied else [])]
+    return lambda name: name.startswith(tuple(prefixes))
+
+
 def run(cfg: Config) -> dict:
     start = time.perf_counter()
     gen = cfg.compile.generation
@@ -55,27 +66,30 @@ def run(cfg: Config) -> dict:
     prompts = validation_prompts(cfg, tokenizer, gen.context_length)
     with torch.no_grad():
         greedy = greedy_reference(model, prompts, cfg.export.validate_new_tokens)
-    onnx_export.use_compact_attention(model)
-    if cfg.compile.rmsnorm == "fused":
-        onnx_export.fuse_rmsnorm(model)
+        expected = [model(input_ids=torch.from_numpy(p[None])).logits[0, -1].numpy() for p in prompts]
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    del model  # each part is exported from a model holding only its own weights: the exporter copies them twice
+    gc.collect()
     out = artifacts.npu_gen_dir(cfg.model.name)
     log.info("exporting %d parts x (AR-%d, AR-1) over a context of %d to %s", len(parts), gen.prefill_len,
              gen.context_length, out)
     with artifacts.staged_dir(out) as tmp:
         for part in parts:  # part by part: the AR-1 copy of a part's weights is on disk only until it is shared
+            model = checkpoint.load_snapshot(snapshot, only=weights_of(part, tied))
+            onnx_export.use_compact_attention(model)
+            if cfg.compile.rmsnorm == "fused":
+                onnx_export.fuse_rmsnorm(model)
             paths = [tmp / artifacts.npu_gen_part(cfg.model.name, ar, part.index).name for ar in (gen.prefill_len, 1)]
             for ar, path in zip((gen.prefill_len, 1), paths):
                 onnx_export.export_part(model, part, path, ar, gen.context_length, cfg.compile.opset,
                                         cfg.compile.mask_value).write(path)
+            del model
+            gc.collect()
             weights = tmp / artifacts.npu_gen_weights(cfg.model.name, part.index).name
             onnx_models.share_weights(paths, weights)
             log.info("  part %d: %s over %s (%.1f MB)", part.index, ", ".join(p.name for p in paths), weights.name,
                      weights.stat().st_size / 1e6)
         export_seconds = time.perf_counter() - start
-        with torch.no_grad():  # the last logits of each prompt, for the record
-            expected = [model(input_ids=torch.from_numpy(p[None])).logits[0, -1].numpy() for p in prompts]
-        del model
-        gc.collect()
         stepper = open_parts({ar: [tmp / artifacts.npu_gen_part(cfg.model.name, ar, p.index).name for p in parts]
                               for ar in (gen.prefill_len, 1)}, onnx_models.cpu_session)
         got = [stepper.prefill(p) for p in prompts]
