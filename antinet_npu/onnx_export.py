@@ -280,7 +280,14 @@ def export_static(model: torch.nn.Module, out: Path, seq_len: int, opset: int, m
 def _to_qdq_opset(src: Path, dst: Path) -> None:
     """Convert to opset 21 (weights stay where they are), then move the fused RMSNorm into the default domain,
     where onnxruntime (CPU and QNN EP) registers SimplifiedLayerNormalization; the converter knows no schema for it."""
-    model = onnx.version_converter.convert_version(onnx.load(str(src), load_external_data=False), QDQ_OPSET)
+    model = onnx.load(str(src), load_external_data=False)
+    if any(t.HasField("raw_data") and t.ByteSize() > 1024 for t in model.graph.initializer):
+        # Under 2 GB the exporter keeps the weights inline, and the converter copies the whole model (several GB
+        # for a 1.3 GB part of Qwen2-1.5B): move them to an external file first, so it converts the graph only.
+        onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=src.name + ".data", size_threshold=1024)
+        model = onnx.load(str(src), load_external_data=False)
+    model = onnx.version_converter.convert_version(model, QDQ_OPSET)
     for node in model.graph.node:
         if node.domain == _PRIVATE_DOMAIN:
             node.domain = ""
