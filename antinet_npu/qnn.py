@@ -14,6 +14,7 @@ import onnx
 
 from antinet_npu import AntinetError
 from antinet_npu.config import TargetConfig
+from antinet_npu.signature import Signature
 
 EP_NAME = "QNNExecutionProvider"
 BACKENDS = ("htp", "gpu")
@@ -104,7 +105,11 @@ def session(model: Path, target: TargetConfig, *, backend: str = "htp", perf_mod
 @dataclass
 class HtpGraphs:
     """Context models opened on the HTP backend on first use and kept, once per process. Plain data until then, so
-    it pickles into the worker processes that verification is spread over (`cores.spread`)."""
+    it pickles into the worker processes that verification is spread over (`cores.spread`).
+
+    Only graphs of one shape (tokens per call) stay open: opening an AR-1 graph closes the AR-N ones and the other way
+    round. The NPU gives a process a few GB: the Qwen2-1.5B parts' unshared AR-128 and AR-1 binaries together
+    (3.2 GB by the sixth of eight) failed on the emulator with QNN_COMMON_ERROR_MEM_ALLOC."""
 
     target: TargetConfig
     allow_cpu_fallback: bool = False
@@ -114,9 +119,13 @@ class HtpGraphs:
         return {**self.__dict__, "_sessions": {}}
 
     def open(self, model: Path):
-        if str(model) not in self._sessions:
-            self._sessions[str(model)] = session(model, self.target, allow_cpu_fallback=self.allow_cpu_fallback)
-        return self._sessions[str(model)]
+        key = str(model)
+        if key not in self._sessions:
+            tokens = Signature.read(model).seq_len
+            for other in [k for k, (t, _) in self._sessions.items() if t != tokens]:
+                del self._sessions[other]
+            self._sessions[key] = (tokens, session(model, self.target, allow_cpu_fallback=self.allow_cpu_fallback))
+        return self._sessions[key][1]
 
     def close(self) -> None:
         self._sessions.clear()

@@ -180,7 +180,7 @@ def open_parts(sources: dict[int, list], open_graph: Callable, record_into: dict
     Sessions open on first use, and only one AR's at a time: opening an AR-1 graph closes the AR-N sessions and the
     other way round. A part's two graphs hold the same weights, and both sets open at once (Qwen2-1.5B: 8 FP32
     sessions, ~14 GB) would not fit a stage's 12 GB. Generation switches twice per prompt (prefill, then decode);
-    `trace_generation` switches twice in all. (`qnn.HtpGraphs` keeps its own sessions open: quantized, they fit.)"""
+    `trace_generation` switches twice in all. (`qnn.HtpGraphs` keeps its own sessions, one AR's at a time too.)"""
     prefill_len = max(sources)
     resident: dict[tuple[int, int], object] = {}
 

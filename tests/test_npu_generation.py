@@ -250,3 +250,56 @@ def test_one_ar_of_sessions_is_open_at_a_time_and_tracing_calls_what_generation_
         assert len(by_prompt[key]) == len(phased[key])
         for a, b in zip(by_prompt[key], phased[key]):
             assert a.feeds.keys() == b.feeds.keys() and all(np.array_equal(a.feeds[k], b.feeds[k]) for k in a.feeds)
+
+
+@pytest.mark.slow
+def test_a_part_is_exported_from_its_own_weights_alone(pipeline, tmp_path):
+    """What keeps export-npu-gen under 12 GB at Qwen2-1.5B, on the builtin: a model holding only the part's weights
+    (the rest on the meta device) exports the same graph and weights as the whole model."""
+    from antinet_npu.stages.export_npu_gen import part_params, weights_of
+
+    snapshot = pipeline.path / "models/pytorch/tiny-qwen2"
+    full = checkpoint.load_snapshot(snapshot)
+    last = static_llm.plan_parts(full.config.num_hidden_layers, 2)[1]
+    own = checkpoint.load_snapshot(snapshot, only=weights_of(last, full.config.tie_word_embeddings))
+    loaded = {name for name, p in own.named_parameters() if not p.is_meta}
+    assert loaded and all(name.startswith(("model.layers.2.", "model.layers.3.", "model.norm.", "model.embed_tokens"))
+                          for name in loaded)  # the tied lm_head is the embedding
+    assert part_params(own, last) == part_params(full, last)
+    exported = []
+    for name, model in (("full", full), ("own", own)):
+        onnx_export.use_compact_attention(model)
+        out = tmp_path / name / "part1.onnx"
+        out.parent.mkdir()
+        onnx_export.export_part(model, last, out, 8, 32, 17, -1e4)
+        exported.append(((out.parent / "part1.onnx.data").read_bytes(), out.read_bytes()))
+    assert exported[0] == exported[1]
+
+
+def test_htp_graphs_keep_the_sessions_of_one_shape_open(tmp_path, monkeypatch):
+    """The emulator (and a device process) has a few GB of NPU memory: AR-N and AR-1 contexts never open together."""
+    from antinet_npu import qnn
+    from antinet_npu.signature import ADDITIVE_MASK
+
+    opened, closed = [], []
+
+    class Fake:
+        def __init__(self, model):
+            self.name = model.name
+            opened.append(self.name)
+
+        def __del__(self):
+            closed.append(self.name)
+
+    monkeypatch.setattr(qnn, "session", lambda model, target, allow_cpu_fallback=False: Fake(model))
+    paths = {}
+    for name, tokens in (("a32", 32), ("b32", 32), ("a1", 1)):
+        paths[name] = tmp_path / f"{name}.onnx"
+        Signature(inputs=("x",), outputs=("y",), mask=ADDITIVE_MASK, context_length=64, seq_len=tokens).write(
+            paths[name])
+    graphs = qnn.HtpGraphs(target=None)
+    for name in ("a32", "b32", "a32"):
+        graphs.open(paths[name])
+    assert opened == ["a32.onnx", "b32.onnx"] and closed == []
+    graphs.open(paths["a1"])
+    assert sorted(closed) == ["a32.onnx", "b32.onnx"] and opened[-1] == "a1.onnx"
