@@ -10,14 +10,16 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnx
 
 from antinet_npu.artifacts import MODELS, scratch_dir
 from antinet_npu.config import QdqRecipeConfig, RecipeConfig
-from antinet_npu.onnx_models import save, stream_weights
+from antinet_npu.onnx_models import external_data, save, stream_weights
 from antinet_npu.sensitivity import group_of
 
 log = logging.getLogger(__name__)
@@ -83,40 +85,43 @@ def dynamic_int8(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) ->
     `keep`: nodes left in float (a mixed recipe's most sensitive groups).
 
     Memory: onnxruntime loads the model with its weights, then (dynamic mode) re-runs shape inference through a deep
-    copy, a save and a reload: three copies of the FP32 weights at once, 21.9 GB for Qwen2-1.5B (protobuf does not
-    give a cleared tensor's memory back). Here the first load reads the graph only and the round trip streams the
-    weights from the source file into the copy it reloads: one copy of the weights in memory.
+    copy, a save and a reload: three copies of the FP32 weights, 21.9 GB for Qwen2-1.5B; with one copy, 12.2 GB.
+    Here it never holds a float weight it does not quantize: shape inference runs on files without weights, each
+    weight is read from src's data file when it is quantized, and the result (the int8 weights in memory, the float
+    ones still pointing at src's data file) is streamed into `out`.
     """
-    from onnxruntime.quantization import QuantType, onnx_quantizer, quantize_dynamic
-    from onnxruntime.quantization.quant_utils import add_infer_metadata, load_model_with_shape_infer
+    from onnxruntime.quantization import QuantType, base_quantizer, onnx_quantizer, quantize_dynamic
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
 
-    def load_graph_only(path: Path) -> onnx.ModelProto:
+    def graph_with_shapes(path: Path) -> onnx.ModelProto:
         with scratch_dir(MODELS, "quantize") as tmp:
             onnx.shape_inference.infer_shapes_path(str(path), str(tmp / "inferred.onnx"))
-            model = onnx.load(tmp / "inferred.onnx", load_external_data=False)  # weights stay in src's data file
+            model = onnx.load(tmp / "inferred.onnx", load_external_data=False)
         add_infer_metadata(model)
         return model
 
-    def reload_streaming(model: onnx.ModelProto) -> onnx.ModelProto:
+    def reload_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         with scratch_dir(MODELS, "quantize") as tmp:
-            stream_weights(model, src.parent, tmp / "model.onnx")
-            return load_model_with_shape_infer(tmp / "model.onnx")
+            onnx.save(model, tmp / "model.onnx")
+            return graph_with_shapes(tmp / "model.onnx")
+
+    def weight(tensor: onnx.TensorProto) -> np.ndarray:
+        return onnx.numpy_helper.to_array(tensor, base_dir=str(src.parent))
 
     ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function
-    patched = ((ort_quantize, "load_model_with_shape_infer", load_graph_only),
-               (onnx_quantizer, "save_and_reload_model_with_shape_infer", reload_streaming))
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patched]
-    for module, name, fn in patched:
-        setattr(module, name, fn)
-    # Written straight to `out` (weights in `out.data`, as `save` names them).
-    try:
-        quantize_dynamic(src, out, weight_type=getattr(QuantType, recipe.weight_type),
-                         per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                         op_types_to_quantize=recipe.op_types or None,
-                         nodes_to_exclude=recipe.nodes_to_exclude + keep or None, use_external_data_format=True)
-    finally:
-        for module, name, fn in saved:
-            setattr(module, name, fn)
+    with scratch_dir(MODELS, "quantize") as tmp:
+        with ExitStack() as patches:
+            for module, name, fn in ((ort_quantize, "load_model_with_shape_infer", graph_with_shapes),
+                                     (onnx_quantizer, "save_and_reload_model_with_shape_infer", reload_graph),
+                                     (base_quantizer, "tensor_proto_to_array", weight)):
+                patches.enter_context(mock.patch.object(module, name, fn))
+            quantize_dynamic(src, tmp / "model.onnx", weight_type=getattr(QuantType, recipe.weight_type),
+                             per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                             op_types_to_quantize=recipe.op_types or None,
+                             nodes_to_exclude=recipe.nodes_to_exclude + keep or None, use_external_data_format=True)
+        # its file holds the int8 weights; the float ones still refer to src's: make both readable from `tmp`
+        (tmp / external_data(src).name).symlink_to(external_data(src).resolve())
+        stream_weights(onnx.load(tmp / "model.onnx", load_external_data=False), tmp, out)
 
 
 def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:
