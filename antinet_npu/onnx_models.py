@@ -104,16 +104,6 @@ def _same_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
                 return True
 
 
-def data_files(path: Path) -> list[Path]:
-    """The external-data files `path` reads its weights from: `<name>.onnx.data`, or a shared one."""
-    own = external_data(path)
-    if own.exists():
-        return [own]
-    model = onnx.load(str(path), load_external_data=False)
-    return sorted({path.parent / e.value for t in model.graph.initializer for e in t.external_data
-                   if e.key == "location"})
-
-
 def check_model(path: Path) -> None:
     """Fail with a one-line error when `path` is missing, not a loadable ONNX model, or its weights file is shorter
     than the tensors it should hold (the checker does not look at external data)."""

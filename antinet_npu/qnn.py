@@ -14,7 +14,7 @@ import onnx
 
 from antinet_npu import AntinetError
 from antinet_npu.config import TargetConfig
-from antinet_npu.signature import Signature
+from antinet_npu.static_llm import SessionCache
 
 EP_NAME = "QNNExecutionProvider"
 BACKENDS = ("htp", "gpu")
@@ -104,31 +104,32 @@ def session(model: Path, target: TargetConfig, *, backend: str = "htp", perf_mod
 
 @dataclass
 class HtpGraphs:
-    """Context models opened on the HTP backend on first use and kept, once per process. Plain data until then, so
-    it pickles into the worker processes that verification is spread over (`cores.spread`).
-
-    Only graphs of one shape (tokens per call) stay open: opening an AR-1 graph closes the AR-N ones and the other way
-    round. The NPU gives a process a few GB: the Qwen2-1.5B parts' unshared AR-128 and AR-1 binaries together
-    (3.2 GB by the sixth of eight) failed on the emulator with QNN_COMMON_ERROR_MEM_ALLOC."""
+    """Context models on the HTP backend, opened on first use and kept once per process, one shape (tokens per call)
+    at a time (`static_llm.SessionCache`). Plain data until then, so it pickles into the worker processes that
+    verification is spread over (`cores.spread`)."""
 
     target: TargetConfig
     allow_cpu_fallback: bool = False
-    _sessions: dict = field(default_factory=dict, repr=False, compare=False)
+    sessions: SessionCache = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.sessions = SessionCache(self._session)
+
+    def _session(self, model: Path):
+        return session(model, self.target, allow_cpu_fallback=self.allow_cpu_fallback)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_sessions": {}}
+        return {"target": self.target, "allow_cpu_fallback": self.allow_cpu_fallback}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
 
     def open(self, model: Path):
-        key = str(model)
-        if key not in self._sessions:
-            tokens = Signature.read(model).seq_len
-            for other in [k for k, (t, _) in self._sessions.items() if t != tokens]:
-                del self._sessions[other]
-            self._sessions[key] = (tokens, session(model, self.target, allow_cpu_fallback=self.allow_cpu_fallback))
-        return self._sessions[key][1]
+        return self.sessions(model)
 
     def close(self) -> None:
-        self._sessions.clear()
+        self.sessions.close()
 
 
 def verify_workers(wanted: int) -> int:

@@ -172,30 +172,45 @@ def _is_past(name: str) -> bool:
     return name.startswith("past_") and name.endswith("_in")
 
 
+class SessionCache:
+    """Sessions over static graphs, opened by `open_graph(path)` on first use and kept; but only the graphs of one
+    shape (tokens per call) stay open: opening an AR-1 graph closes the AR-N ones and the other way round. A part's
+    two graphs hold the same weights, and both sets at once do not fit: at Qwen2-1.5B, 8 FP32 CPU sessions (~14 GB)
+    exceed a stage's 12 GB, and on the HTP emulator the sixth of eight unshared contexts failed with
+    QNN_COMMON_ERROR_MEM_ALLOC (the NPU gives a process a few GB, as a device does)."""
+
+    def __init__(self, open_graph: Callable):
+        self.open_graph = open_graph
+        self._open: dict[str, tuple[int, object]] = {}
+
+    def __call__(self, path):
+        key = str(path)
+        if key not in self._open:
+            tokens = Signature.read(path).seq_len
+            for other in [k for k, (t, _) in self._open.items() if t != tokens]:
+                del self._open[other]
+            self._open[key] = (tokens, self.open_graph(path))
+        return self._open[key][1]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
 def open_parts(sources: dict[int, list], open_graph: Callable, record_into: dict | None = None) -> StaticStepper:
     """The host loop over part graphs: `sources[ar]` their paths in part order (AR-N and AR-1), `open_graph(path)` a
-    session with `run(None, feeds)`. With `record_into`, every call's feeds are kept under (ar, part index) as
-    `Trace`s (calibration).
+    session with `run(None, feeds)` (or a `SessionCache` of them, shared with the caller). With `record_into`,
+    every call's feeds are kept under (ar, part index) as `Trace`s (calibration).
 
-    Sessions open on first use, and only one AR's at a time: opening an AR-1 graph closes the AR-N sessions and the
-    other way round. A part's two graphs hold the same weights, and both sets open at once (Qwen2-1.5B: 8 FP32
-    sessions, ~14 GB) would not fit a stage's 12 GB. Generation switches twice per prompt (prefill, then decode);
-    `trace_generation` switches twice in all. (`qnn.HtpGraphs` keeps its own sessions, one AR's at a time too.)"""
+    Sessions open on first use, one AR's at a time (`SessionCache`): generation switches twice per prompt (prefill,
+    then decode); `trace_generation` twice in all."""
     prefill_len = max(sources)
-    resident: dict[tuple[int, int], object] = {}
-
-    def session(key, path):
-        if key not in resident:
-            for other in [k for k in resident if k[0] != key[0]]:
-                del resident[other]
-            resident[key] = open_graph(path)
-        return resident[key]
+    session = open_graph if isinstance(open_graph, SessionCache) else SessionCache(open_graph)
 
     def runner(path, key):
         if record_into is None:
-            return lambda feeds: session(key, path).run(None, feeds)
+            return lambda feeds: session(path).run(None, feeds)
         return lambda feeds: (record_into.setdefault(key, []).append(Trace.of(feeds)),
-                              session(key, path).run(None, feeds))[1]
+                              session(path).run(None, feeds))[1]
 
     graphs = {ar: [runner(p, (ar, i)) for i, p in enumerate(paths)] for ar, paths in sources.items()}
     return StaticStepper([Signature.read(p) for p in sources[prefill_len]], graphs[prefill_len], graphs[1])

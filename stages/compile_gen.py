@@ -179,6 +179,6 @@ class _NpuParts:
 
     def __call__(self, job: tuple[str, np.ndarray]):
         kind, ids = job
-        stepper = open_parts(self.sources, self.graphs.open)
+        stepper = open_parts(self.sources, self.graphs.sessions)
         return stepper.score(ids) if kind == "score" else list(generation.generate(stepper, ids, self.new_tokens))
 

@@ -37,8 +37,9 @@ def test_htp_graphs_pickle_without_their_sessions():
     from antinet_npu.config import TargetConfig
 
     graphs = qnn.HtpGraphs(TargetConfig())
-    graphs._sessions["x"] = object()  # an open session does not travel to a worker
-    assert pickle.loads(pickle.dumps(graphs))._sessions == {}
+    graphs.sessions._open["x"] = (1, object())  # an open session does not travel to a worker
+    copy = pickle.loads(pickle.dumps(graphs))
+    assert copy.sessions._open == {} and copy.target == graphs.target and copy.sessions.open_graph.__self__ is copy
 
 
 def _die(x):
