@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+import time
 from functools import cache
 
 PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-qnn", "qai-appbuilder")
@@ -64,6 +65,15 @@ def peak_rss_mb() -> float:
     return kb / 1e3 if sys.platform != "darwin" else kb / 1e6
 
 
+def wall_seconds() -> float:
+    """Wall time since this process started (a stage runs in a process of its own): imports and loading included."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def record(**metrics):
-    """`metrics` plus peak memory, host and versions: the tail every metrics file carries."""
-    return {**metrics, "peak_rss_mb": round(peak_rss_mb(), 1), "host": host(), "versions": versions()}
+    """`metrics` plus the stage's wall time so far, peak memory, host and versions: the tail every metrics file
+    carries."""
+    return {**metrics, "wall_seconds": round(wall_seconds(), 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "host": host(), "versions": versions()}

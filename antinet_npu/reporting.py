@@ -118,7 +118,8 @@ STAGE_METRICS = ("prepare.json", "export.json", "sensitivity/*.json", "quantize/
 
 
 def resource_lines(model: str, root: Path = METRICS) -> list[str]:
-    """Wall time and peak resident memory of every stage run for `model` on this machine (its metrics files)."""
+    """Wall time and peak resident memory of every stage run for `model` on this machine (its metrics files): the
+    stage's process from its start to its metrics file, imports and loading included (DVC's own work is not)."""
     lines = ["### Stages: time and peak memory", "", "| stage | seconds | peak RSS MB |", "|---|---|---|"]
     for pattern in STAGE_METRICS:
         for path in sorted(root.glob(pattern)):
@@ -126,7 +127,7 @@ def resource_lines(model: str, root: Path = METRICS) -> list[str]:
             if m.get("model") != model or "peak_rss_mb" not in m:
                 continue
             name = path.relative_to(root).with_suffix("").as_posix()
-            lines.append(f"| {name} | {_fmt(m.get('seconds'), '.1f')} | {m['peak_rss_mb']:.0f} |")
+            lines.append(f"| {name} | {_fmt(m.get('wall_seconds'), '.1f')} | {m['peak_rss_mb']:.0f} |")
     return lines + [""] if len(lines) > 4 else []
 
 

@@ -27,6 +27,7 @@ def test_repro_builds_five_variants_and_six_evaluations(pipeline):
         assert (pipeline.path / f"models/onnx/tiny-qwen2-{p}.onnx").is_file()
         q = _metrics(pipeline.path, "quantize", p)
         assert q["size_mb"] > 0 and q["seconds"] >= 0 and q["peak_rss_mb"] > 0 and q["versions"]["onnxruntime"]
+        assert q["wall_seconds"] >= q["seconds"]  # the stage process, its imports and loading included
     for p in ["fp32", *PRECISIONS]:
         m = _metrics(pipeline.path, "evaluate", p)
         for key in ("top1_agreement", "cosine", "kl", "max_abs_error", "perplexity", "perplexity_fp32",

@@ -59,6 +59,32 @@ def test_bootstrap_interval_brackets_the_estimate():
     assert "95 % CI" in fidelity.interval_text(m)
 
 
+def test_a_group_replays_the_layers_before_it_and_measures_the_same():
+    """Quantizing a group in layer L changes nothing before it: those layers' float outputs are recorded once and
+    replayed, not computed again, and every group's damage is the same as with the whole model run."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=True)).eval()
+    windows = np.random.default_rng(0).integers(0, 64, (5, 16))
+    probe = ProbeConfig(weight_bits=4, activation_bits=8)
+    computed = [0, 0, 0]
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(lambda *_, i=i: computed.__setitem__(i, computed[i] + 1))
+    replayed = sensitivity.measure(model, "m", windows, "p", probe, batch=2)
+    batches, groups = 3, 3 * 3 + 2  # 5 windows by 2; per layer attn, mlp_in, mlp_out; lm_head, embedding
+    # the float run, the embedding's run, and the runs of the groups of this layer and those before it
+    assert computed == [(2 + 3 * (i + 1)) * batches for i in range(3)]
+    computed[:] = [0, 0, 0]
+    whole = sensitivity.measure(model, "m", windows, "p", probe, batch=2, replay_prefix=False)
+    assert computed == [(1 + groups) * batches] * 3
+    assert [g.group for g in replayed.groups] == [g.group for g in whole.groups] and len(whole.groups) == groups
+    for a, b in zip(replayed.groups, whole.groups):
+        assert a.kl == pytest.approx(b.kl, rel=1e-9, abs=1e-15) and a.top1_agreement == b.top1_agreement
+
+
 @pytest.mark.slow
 def test_repro_measures_every_group_and_ranks_them(pipeline):
     assert {"sensitivity@int8-block", "sensitivity@w8a16"} <= set(pipeline.first_run)
