@@ -1,0 +1,147 @@
+"""The NPU: the HTP `target`, QDQ recipes, generation graphs and their `compile` settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from antinet_npu import AntinetError
+from antinet_npu.config.recipes import GATE_MODES, NPU_KEEP_AS, GateConfig, MixedConfig, check_gates, gate_for
+from antinet_npu.config.schema import doc, require
+
+HTP_PERF_MODES = ("burst", "balanced", "default", "high_performance", "power_saver", "low_power_saver",
+                  "high_power_saver", "extreme_power_saver", "sustained_high_performance")
+
+
+@dataclass
+class TargetConfig:
+    """The NPU the context binaries are compiled for (QNN EP provider options)."""
+
+    name: str = field(default="snapdragon-x-elite", metadata=doc("label recorded in metrics"))
+    soc_model: int = field(default=60, metadata=doc("QNN SoC id: 60 = Snapdragon X Elite"))
+    htp_arch: int = field(default=73, metadata=doc("Hexagon architecture version (v73)"))
+    htp_performance_mode: str = field(default="burst", metadata=doc(", ".join(HTP_PERF_MODES)))
+    htp_graph_finalization_optimization_mode: int = field(default=3, metadata=doc("0 (fast) .. 3 (best)"))
+
+    def check(self) -> None:
+        require(self.htp_performance_mode in HTP_PERF_MODES,
+                 f"target.htp_performance_mode must be one of {', '.join(HTP_PERF_MODES)}")
+        require(0 <= self.htp_graph_finalization_optimization_mode <= 3,
+                 "target.htp_graph_finalization_optimization_mode must be 0..3")
+
+
+RMSNORM_FORMS = ("fused", "decomposed")
+QDQ_TYPES = ("QUInt8", "QInt8", "QUInt16", "QInt16")
+CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
+
+
+@dataclass
+class QdqRecipeConfig:
+    """Static QDQ quantization for the HTP backend (onnxruntime's get_qnn_qdq_config)."""
+
+    activation_type: str = field(default="QUInt16", metadata=doc(", ".join(QDQ_TYPES)))
+    weight_type: str = field(default="QUInt8", metadata=doc(", ".join(QDQ_TYPES)))
+    per_channel: bool = field(default=False, metadata=doc("per-output-channel symmetric weights (MatMul, Conv); "
+                                                             "needs a signed weight_type"))
+    calibrate_method: str = field(default="MinMax", metadata=doc(", ".join(CALIBRATION_METHODS)))
+    activation_symmetric: bool = False
+    nodes_to_exclude: list[str] = field(default_factory=list)
+    float_residual: bool = field(default=False, metadata=doc("the residual stream (its Adds and the nodes "
+                                                                "reading it: RMSNorms) stays float, fp16 on HTP: "
+                                                                "massive activations span ~26000 in SmolLM2"))
+    mixed: Optional[MixedConfig] = field(default=None, metadata=doc("keep the most sensitive layer groups at 16-bit "
+                                                                      "weights (keep_as: w16) or float"))
+    kv_type: Optional[str] = field(default=None, metadata=doc("generation graphs: the KV cache's inputs and outputs "
+                                                                "(past_*), e.g. QUInt8 to halve its traffic; null: "
+                                                                "activation_type"))
+
+    def check(self) -> None:
+        require(self.kv_type is None or self.kv_type in QDQ_TYPES, f"kv_type must be null or one of "
+                 f"{', '.join(QDQ_TYPES)}, got {self.kv_type!r}")
+        require(self.activation_type in QDQ_TYPES and self.weight_type in QDQ_TYPES,
+                 f"activation_type and weight_type must be one of {', '.join(QDQ_TYPES)}")
+        require(not self.per_channel or self.weight_type.startswith("QInt"),
+                 f"per_channel weights are symmetric: use weight_type QInt8 or QInt16, not {self.weight_type}")
+        require(self.calibrate_method in CALIBRATION_METHODS,
+                 f"calibrate_method must be one of {', '.join(CALIBRATION_METHODS)}")
+        if self.mixed is not None:
+            self.mixed.check(NPU_KEEP_AS)
+
+
+@dataclass
+class GenerationGraphsConfig:
+    """The NPU's generation graphs (static_llm): AR-N prefill and AR-1 decode over a fixed context, in parts."""
+
+    prefill_len: int = field(default=32, metadata=doc("AR-N: prompt tokens per prefill call (128 for Qwen2-1.5B)"))
+    context_length: int = field(default=256, metadata=doc("CL: positions a graph sees, past slots + new tokens"))
+    parts: int = field(default=2, metadata=doc("graphs the decoder is cut into (embedding in the first, lm_head in "
+                                                 "the last, decoder layers split evenly)"))
+    max_part_mb: float = field(default=1536.0, metadata=doc("per-graph bound on 8-bit weight bytes (HTP allocates at "
+                                                              "most 2048 MB per graph, activations included)"))
+    precisions: list[str] = field(default_factory=list, metadata=doc("QDQ recipes (compile.recipes) to compile "
+                                                                       "the parts with (matrix)"))
+    share: bool = field(default=True, metadata=doc("one context binary per part for AR-N and AR-1 (one weight "
+                                                     "copy); false ships the unshared binaries"))
+    calib_new_tokens: int = field(default=8, metadata=doc("decode steps per calibration prompt (AR-1 traces)"))
+    verify_prompts: int = field(default=4, metadata=doc("held-out prompts generated on the HTP backend and "
+                                                          "compared with FP32 greedy generation"))
+    verify_new_tokens: int = field(default=16, metadata=doc("tokens generated per verification prompt"))
+
+    def check(self) -> None:
+        require(self.prefill_len > 1, f"compile.generation.prefill_len must be > 1 (the decode graph is AR-1), got "
+                                       f"{self.prefill_len}")
+        require(self.context_length > self.prefill_len,
+                 f"compile.generation.context_length ({self.context_length}) must exceed prefill_len "
+                 f"({self.prefill_len})")
+        require(self.parts >= 1 and self.max_part_mb > 0,
+                 f"compile.generation.parts must be >= 1 and max_part_mb > 0, got {self.parts} and {self.max_part_mb}")
+        require(self.calib_new_tokens >= 1 and self.verify_prompts >= 0 and self.verify_new_tokens >= 1,
+                 "compile.generation.calib_new_tokens and verify_new_tokens must be >= 1, verify_prompts >= 0")
+
+
+@dataclass
+class CompileConfig:
+    precisions: list[str] = field(default_factory=list, metadata=doc("QDQ recipes to compile (matrix)"))
+    seq_lens: list[int] = field(default_factory=list, metadata=doc("static sequence lengths (matrix)"))
+    recipes: dict[str, QdqRecipeConfig] = field(default_factory=dict)
+    opset: int = field(default=17, metadata=doc("opset of the static FP32 export"))
+    mask_value: float = field(default=-100.0, metadata=doc("additive causal mask value above the diagonal"))
+    rmsnorm: str = field(default="fused", metadata=doc("fused: one SimplifiedLayerNormalization node (HTP RmsNorm); "
+                                                         "decomposed: Pow/ReduceMean/Sqrt/Div as PyTorch traces it"))
+    calib_samples: int = field(default=16, metadata=doc("calibration windows (calib split)"))
+    verify_samples: int = field(default=4, metadata=doc("held-out windows run on the QNN backend"))
+    verify_workers: int = field(default=2, metadata=doc("processes verification runs in on the x86_64 emulator, one "
+                                                          "pinned per core (1.65x on 2 cores); 1 on a device"))
+    allow_cpu_fallback: bool = field(default=False, metadata=doc("accept compute nodes outside the context"))
+    mode: str = field(default="fail", metadata=doc("fail | warn when under the fidelity gate"))
+    gates: dict[str, GateConfig] = field(default_factory=dict)
+    generation: GenerationGraphsConfig = field(default_factory=GenerationGraphsConfig)
+
+    def check(self) -> None:
+        for name in self.generation.precisions:
+            require(name in self.recipes, f"compile.generation.precisions lists unknown precision {name!r}: valid "
+                                           f"ones are {', '.join(self.recipes)}")
+        for name in self.precisions:
+            require(name in self.recipes, f"compile.precisions lists unknown precision {name!r}: valid ones are "
+                     f"{', '.join(self.recipes)} (add a recipe under compile.recipes)")
+        for seq in self.seq_lens:
+            require(seq > 1, f"compile.seq_lens must be > 1, got {seq}")
+        require(self.calib_samples > 0 and self.verify_samples > 0,
+                 f"compile.calib_samples and compile.verify_samples must be > 0, got {self.calib_samples} and "
+                 f"{self.verify_samples}")
+        require(self.verify_workers >= 1, f"compile.verify_workers must be >= 1, got {self.verify_workers}")
+        require(self.mode in GATE_MODES, f"compile.mode must be one of {', '.join(GATE_MODES)}")
+        require(self.mask_value < 0, f"compile.mask_value must be negative, got {self.mask_value}")
+        require(self.rmsnorm in RMSNORM_FORMS, f"compile.rmsnorm must be one of {', '.join(RMSNORM_FORMS)}")
+        check_gates(self.gates, "compile")
+        for name, recipe in self.recipes.items():
+            try:
+                recipe.check()
+            except AntinetError as exc:
+                raise AntinetError(f"compile.recipes.{name}: {exc}") from None
+
+    def gate(self, precision: str) -> GateConfig:
+        return gate_for(self.gates, precision)
+
+    def gate_mode(self, precision: str) -> str:
+        return self.gate(precision).mode or self.mode

@@ -1,0 +1,117 @@
+"""What is measured and served: `bench` runs (single pass and generation) and `serve`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from antinet_npu.config.npu import HTP_PERF_MODES
+from antinet_npu.config.schema import doc, require
+
+BACKENDS = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder", "ort-genai")
+GENAI_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+
+
+@dataclass
+class BenchRunConfig:
+    """One benchmark: a backend running one artifact at one sequence length (key: <backend>-<precision>-<S>)."""
+
+    backend: str = field(default=MISSING, metadata=doc(", ".join(BACKENDS)))
+    precision: str = field(default=MISSING, metadata=doc("fp32, a quantize precision, or an NPU precision"))
+    seq_len: int = field(default=MISSING)
+    model: str = field(default=MISSING, metadata=doc("artifact under models/ that the backend loads"))
+    weights: str = field(default=MISSING, metadata=doc("its weights under models/ (so DVC sees changes)"))
+
+
+@dataclass
+class GenRunConfig:
+    """One generation benchmark: a backend generating from one artifact (key: <backend>-<precision>[-nocache])."""
+
+    backend: str = field(default=MISSING, metadata=doc("ort-cpu | torch | ort-genai"))
+    precision: str = field(default=MISSING)
+    model: str = field(default=MISSING, metadata=doc("artifact under models/ that the backend loads"))
+    weights: str = field(default=MISSING, metadata=doc("its weights under models/ (so DVC sees changes)"))
+    cache: bool = field(default=True, metadata=doc("false: no KV cache, the whole prefix re-run for every new "
+                                                     "token (the baseline a single-pass graph allows)"))
+    new_tokens: Optional[int] = field(default=None, metadata=doc("tokens per prompt for this run (null: "
+                                                                   "bench.generation.new_tokens)"))
+
+
+@dataclass
+class GenerationBenchConfig:
+    """Prefill + decode: time to first token and decode tokens/s, per run and prompt length."""
+
+    runs: dict[str, GenRunConfig] = field(default_factory=dict, metadata=doc("the bench-gen matrix"))
+    prompt_lens: list[int] = field(default_factory=lambda: [32, 128], metadata=doc("prompt tokens P"))
+    new_tokens: int = field(default=64, metadata=doc("tokens generated per prompt G (greedy, EOS ignored)"))
+    warmup: int = field(default=1, metadata=doc("untimed generations per prompt length"))
+    iterations: int = field(default=3, metadata=doc("timed generations per prompt length"))
+    genai_precisions: list[str] = field(default_factory=lambda: ["int4", "int8", "fp32"],
+                                        metadata=doc("onnxruntime-genai models built (export-genai) for the peer"))
+
+    def check(self) -> None:
+        require(bool(self.prompt_lens) and all(p > 0 for p in self.prompt_lens) and self.new_tokens > 1,
+                 f"bench.generation.prompt_lens must be positive and new_tokens > 1, got {self.prompt_lens} and "
+                 f"{self.new_tokens}")
+        require(self.warmup >= 0 and self.iterations > 0,
+                 f"bench.generation.warmup must be >= 0 and iterations > 0, got {self.warmup} and {self.iterations}")
+        for p in self.genai_precisions:
+            require(p in GENAI_PRECISIONS, f"bench.generation.genai_precisions: {p!r} is not one of "
+                     f"{', '.join(GENAI_PRECISIONS)}")
+        for key, run in self.runs.items():
+            require(run.backend in ("ort-cpu", "torch", "ort-genai", "qnn-htp"),
+                     f"bench.generation.runs.{key}: backend {run.backend!r} cannot generate: use ort-cpu, torch, "
+                     "ort-genai or qnn-htp (the compile-gen parts)")
+            require(run.new_tokens is None or run.new_tokens > 1,
+                     f"bench.generation.runs.{key}.new_tokens must be > 1 or null, got {run.new_tokens}")
+            expected = f"{run.backend}-{run.precision}" + ("" if run.cache else "-nocache")
+            require(key == expected, f"bench.generation.runs.{key} must be named {expected}")
+
+
+@dataclass
+class BenchConfig:
+    runs: dict[str, BenchRunConfig] = field(default_factory=dict, metadata=doc("the bench matrix"))
+    generation: GenerationBenchConfig = field(default_factory=GenerationBenchConfig)
+    warmup: int = field(default=3, metadata=doc("untimed runs after loading (the seed warms up 3 times)"))
+    iterations: int = field(default=10, metadata=doc("timed runs"))
+    threads: int = field(default=0, metadata=doc("CPU intra-op threads for torch / ort-cpu (0: all cores)"))
+    perf_mode: str = field(default="burst", metadata=doc("NPU performance mode: " + ", ".join(HTP_PERF_MODES)))
+    budget_ms: float = field(default=500.0, metadata=doc("latency budget per forward pass (the seed's 500 ms)"))
+    fallback: list[str] = field(default_factory=list,
+                                metadata=doc("backends tried in order when one is unavailable or fails"))
+    fallback_cpu_precision: str = field(default="int8-block",
+                                        metadata=doc("what ort-cpu runs when it stands in for an NPU backend"))
+    appbuilder_lib_path: str = field(default="None", metadata=doc("QNN libraries for AppBuilder ('None': its own)"))
+
+    def check(self) -> None:
+        require(self.warmup >= 0 and self.iterations > 0, f"bench.warmup must be >= 0 and bench.iterations > 0, "
+                 f"got {self.warmup} and {self.iterations}")
+        require(self.budget_ms > 0, f"bench.budget_ms must be positive, got {self.budget_ms}")
+        require(self.perf_mode in HTP_PERF_MODES, f"unknown bench.perf_mode {self.perf_mode!r}: choose one of "
+                 f"{', '.join(HTP_PERF_MODES)}")
+        for name in self.fallback:
+            require(name in BACKENDS, f"unknown backend {name!r} in bench.fallback: choose from {', '.join(BACKENDS)}")
+        self.generation.check()
+        for key, run in self.runs.items():
+            require(run.backend in BACKENDS and run.backend != "ort-genai",
+                     f"bench.runs.{key}: unknown backend {run.backend!r}: choose one of "
+                     f"{', '.join(b for b in BACKENDS if b != 'ort-genai')}")
+            require(key == f"{run.backend}-{run.precision}-{run.seq_len}",
+                     f"bench.runs.{key} must be named {run.backend}-{run.precision}-{run.seq_len}")
+
+
+@dataclass
+class ServeConfig:
+    run: str = field(default="ort-cpu-int8-block-128",
+                     metadata=doc("a key of bench.runs: the artifact and backend to serve (fallback chain applies)"))
+    host: str = "127.0.0.1"
+    port: int = 8000
+    warmup: int = field(default=3, metadata=doc("forward passes after loading, before the model is ready"))
+    max_new_tokens: int = field(default=64, metadata=doc("upper bound a request may ask for"))
+
+    def check(self) -> None:
+        require(0 < self.port < 65536, f"serve.port must be 1..65535, got {self.port}")
+        require(self.warmup >= 0 and self.max_new_tokens >= 0, "serve.warmup and serve.max_new_tokens must be "
+                 f">= 0, got {self.warmup} and {self.max_new_tokens}")
