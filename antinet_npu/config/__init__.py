@@ -28,14 +28,22 @@ from antinet_npu.config.recipes import (
     RecipeConfig,
     SensitivityConfig,
 )
-from antinet_npu.config.runs import BenchConfig, BenchRunConfig, GenerationBenchConfig, GenRunConfig, ServeConfig
+from antinet_npu.config.runs import (
+    BACKENDS,
+    GENAI_PRECISIONS,
+    BenchConfig,
+    BenchRunConfig,
+    GenerationBenchConfig,
+    GenRunConfig,
+    ServeConfig,
+)
 from antinet_npu.config.schema import require
 
-__all__ = ["BUILTIN_PREFIX", "CONF_DIR", "HTP_PERF_MODES", "PARAMS_FILE", "REFERENCE", "BenchConfig", "BenchRunConfig",
-           "BuiltinModelConfig", "CompileConfig", "Config", "EvaluateConfig", "ExportConfig", "GateConfig",
-           "GenRunConfig", "GenerationBenchConfig", "GenerationGraphsConfig", "MixedConfig", "ModelConfig",
-           "ProbeConfig", "QdqRecipeConfig", "QuantizeConfig", "RecipeConfig", "SensitivityConfig", "ServeConfig",
-           "TargetConfig", "TextConfig", "compose", "load", "to_yaml", "validate"]
+__all__ = ["BACKENDS", "BUILTIN_PREFIX", "CONF_DIR", "GENAI_PRECISIONS", "HTP_PERF_MODES", "PARAMS_FILE", "REFERENCE",
+           "BenchConfig", "BenchRunConfig", "BuiltinModelConfig", "CompileConfig", "Config", "EvaluateConfig",
+           "ExportConfig", "GateConfig", "GenRunConfig", "GenerationBenchConfig", "GenerationGraphsConfig",
+           "MixedConfig", "ModelConfig", "ProbeConfig", "QdqRecipeConfig", "QuantizeConfig", "RecipeConfig",
+           "SensitivityConfig", "ServeConfig", "TargetConfig", "TextConfig", "compose", "load", "to_yaml", "validate"]
 
 CONF_DIR = "conf"
 PARAMS_FILE = "params.yaml"
