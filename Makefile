@@ -41,13 +41,12 @@ real-model: install
 
 # The Qwen2-1.5B shape (random weights) through the whole DAG (CPU variants and generation, NPU generation parts),
 # then a copy of its report and of every stage's metrics as the committed reference. See the README for its time,
-# memory and disk.
+# memory and disk. Only this model's metrics are copied: stages outside its DAG leave the builtin's files in metrics/.
 SHAPE_REF := reports/reference/qwen2-1.5b-shape
 shape-1.5b: install
 	$(BIN)/dvc exp run -S model=qwen2-1.5b-shape
 	rm -rf $(SHAPE_REF)/metrics && mkdir -p $(SHAPE_REF)/metrics
 	cp reports/summary.md reports/benchmark.json $(SHAPE_REF)/ && cp metrics/speedup.json $(SHAPE_REF)/metrics/
-	# This model's metrics only: stages outside its DAG leave the builtin model's files in metrics/.
 	cd metrics && grep -rl --include='*.json' '"model": "qwen2-1.5b-shape"' . \
 	  | xargs -I{} cp --parents {} $(CURDIR)/$(SHAPE_REF)/metrics/
 
