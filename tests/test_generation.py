@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -150,3 +151,17 @@ def test_a_static_npu_graph_says_it_cannot_generate(pipeline, monkeypatch):
             backend.stepper()
     finally:
         backend.close()
+
+
+@pytest.mark.slow
+def test_genai_builder_writes_the_plain_builders_bytes(pipeline, tmp_path):
+    """export-genai's builder (one float copy in memory) gives exactly what onnxruntime-genai's own builder gives."""
+    snapshot = pipeline.path / "models/pytorch/tiny-qwen2"
+    for module in ("onnxruntime_genai.models.builder", "antinet_npu.genai_builder"):
+        out = tmp_path / module
+        subprocess.run([sys.executable, "-m", module, "-i", str(snapshot), "-o", str(out), "-p", "int4", "-e", "cpu",
+                        "-c", str(out / ".cache")], check=True, capture_output=True)
+    for name in ("model.onnx", "model.onnx.data"):
+        plain = (tmp_path / "onnxruntime_genai.models.builder" / name).read_bytes()
+        assert plain == (tmp_path / "antinet_npu.genai_builder" / name).read_bytes(), name
+    assert plain == (pipeline.path / "models/genai/tiny-qwen2-int4" / name).read_bytes()
