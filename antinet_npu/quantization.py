@@ -17,6 +17,7 @@ from unittest import mock
 import numpy as np
 import onnx
 
+from antinet_npu import AntinetError, smoothing
 from antinet_npu.artifacts import MODELS, scratch_dir
 from antinet_npu.config import QdqRecipeConfig, RecipeConfig
 from antinet_npu.onnx_models import external_data, save, stream_weights
@@ -124,8 +125,12 @@ def dynamic_int8(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) ->
         stream_weights(onnx.load(tmp / "model.onnx", load_external_data=False), tmp, out)
 
 
-def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) -> None:
+def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path, keep: list[str],
+                 calibration: np.ndarray | None = None) -> None:
     """Block-wise weight-only quantization of MatMul weights into `MatMulNBits` (4 or 8 bits).
+
+    With `recipe.smooth`, activation outliers are first moved into the weights (see `smoothing`), their ranges
+    measured on the `calibration` windows.
 
     4-bit recipes may keep some MatMuls (`eight_bit_nodes`, typically the lm_head, whose errors go straight into the
     logits) at 8 bits: a second pass over just those nodes. A mixed recipe's `keep` nodes stay float, or get a pass
@@ -134,7 +139,8 @@ def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) ->
     dequantizes the whole weight per call, ~100x slower at one token on the CPUs measured).
     """
     keep_as = recipe.mixed.keep_as if recipe.mixed else "float"
-    model = _nbits_pass(onnx.load(src), recipe.bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level,
+    model = _smoothed(src, recipe, calibration) if recipe.smooth else onnx.load(src)
+    model = _nbits_pass(model, recipe.bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level,
                         recipe.algorithm, exclude=recipe.nodes_to_exclude + recipe.eight_bit_nodes + keep)
     if recipe.eight_bit_nodes:
         model = _nbits_pass(model, 8, recipe.block_size, True, recipe.accuracy_level, "rtn",
@@ -148,6 +154,16 @@ def matmul_nbits(src: Path, recipe: RecipeConfig, out: Path, keep: list[str]) ->
     if recipe.fuse_siblings:
         log.info("one MatMulNBits for each set of siblings: %d nodes fewer", fuse_nbits_siblings(model))
     save(model, out)
+
+
+def _smoothed(src: Path, recipe: RecipeConfig, calibration: np.ndarray | None) -> onnx.ModelProto:
+    if calibration is None or not len(calibration):
+        raise AntinetError("smoothing needs calibration windows (recipe.smooth.samples >= 1)")
+    amax = smoothing.activation_max(src, calibration)  # its session is gone before the weights are loaded below
+    model = onnx.load(src)
+    log.info("smoothing: %d activations rescaled (alpha %.2f, %d calibration windows)",
+             smoothing.fold(model, amax, recipe.smooth.alpha), recipe.smooth.alpha, len(calibration))
+    return model
 
 
 def fuse_nbits_siblings(model: onnx.ModelProto) -> int:
@@ -218,17 +234,20 @@ def _nbits_pass(model: onnx.ModelProto, bits: int, block_size: int, symmetric: b
     return model
 
 
-METHODS: dict[str, Callable[[Path, RecipeConfig, Path, list[str]], None]] = {
+METHODS: dict[str, Callable[..., None]] = {
     "fp16": fp16,
     "dynamic-int8": dynamic_int8,
     "matmul-nbits": matmul_nbits,
 }
 
 
-def quantize(src: Path, recipe: RecipeConfig, out: Path, keep: list[str] | None = None) -> None:
+def quantize(src: Path, recipe: RecipeConfig, out: Path, keep: list[str] | None = None,
+             calibration: np.ndarray | None = None) -> None:
     """Write the variant of `src` that `recipe` describes to `out` (+ `out.data`); `keep`: node names a mixed
-    recipe holds at higher precision (`recipe.mixed.keep_as`)."""
-    METHODS[recipe.method](src, recipe, out, list(keep or []))
+    recipe holds at higher precision (`recipe.mixed.keep_as`); `calibration`: token windows (count, S) for a recipe
+    that smooths activations."""
+    extra = {"calibration": calibration} if recipe.smooth else {}
+    METHODS[recipe.method](src, recipe, out, list(keep or []), **extra)
 
 
 def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], keep: list[str] | None = None

@@ -12,7 +12,7 @@ import time
 
 import onnx
 
-from antinet_npu import AntinetError, artifacts, onnx_models, quantization, sensitivity
+from antinet_npu import AntinetError, artifacts, checkpoint, corpus, onnx_models, quantization, sensitivity
 from antinet_npu.config import Config
 from antinet_npu.provenance import record
 from antinet_npu.signature import Signature
@@ -39,11 +39,18 @@ def run(cfg: Config, precision: str) -> dict:
     nodes = quantization.weight_groups(src, ("MatMul",) if recipe.method == "matmul-nbits" else ("MatMul", "Gather"))
     groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name, nodes)
     keep = [n for g in groups for n in nodes[g]]
+    calibration = None
+    if recipe.smooth:  # activation ranges from calibration text (never the evaluation text)
+        snapshot = artifacts.pytorch_dir(cfg.model.name)
+        checkpoint.check_seq_len(recipe.smooth.seq_len, checkpoint.max_positions(checkpoint.snapshot_config(snapshot)),
+                                 f"lower quantize.recipes.{precision}.smooth.seq_len")
+        tokenizer, docs = checkpoint.load_text_tokenizer(snapshot), corpus.split_documents(cfg.text)["calib"]
+        calibration = corpus.windows(tokenizer, docs, recipe.smooth.seq_len, recipe.smooth.samples, "calibration")
     start = time.perf_counter()
     log.info("quantizing %s -> %s (%s)%s", src, out, recipe.method,
              f", keeping {len(keep)} nodes of {', '.join(groups)} as {recipe.mixed.keep_as}" if keep else "")
     with artifacts.staged_files(out.parent) as tmp:
-        quantization.quantize(src, recipe, tmp / out.name, keep)
+        quantization.quantize(src, recipe, tmp / out.name, keep, calibration)
         signature.write(tmp / out.name)
         gc.collect()
         ops = quantization.op_histogram(onnx.load(tmp / out.name, load_external_data=False))
@@ -51,7 +58,10 @@ def run(cfg: Config, precision: str) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(recipe).items() if k in METHOD_FIELDS[recipe.method]}
     metrics = record(model=cfg.model.name, precision=precision, method=recipe.method, **settings,
                      excluded_nodes=len(recipe.nodes_to_exclude),
-                     **sensitivity.mixed_metrics(recipe.mixed, groups, keep), size_mb=round(size_mb, 3),
+                     **sensitivity.mixed_metrics(recipe.mixed, groups, keep),
+                     **({"smooth_alpha": recipe.smooth.alpha, "smooth_samples": recipe.smooth.samples,
+                         "smooth_seq_len": recipe.smooth.seq_len} if recipe.smooth else {}),
+                     size_mb=round(size_mb, 3),
                      size_ratio=round(size_mb / fp32_mb, 4), quantized_ops=_quantized_ops(ops),
                      seconds=round(time.perf_counter() - start, 2))
     artifacts.write_metrics(artifacts.METRICS / "quantize" / f"{precision}.json", metrics)

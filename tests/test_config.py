@@ -59,6 +59,10 @@ def _params(tmp_path: Path, edit) -> Path:
     (lambda d: d["model"].update(name="a/b"), "model.name 'a/b' must be a plain file name"),
     (lambda d: d["model"].update(builtin=None), "model.builtin is not set"),
     (lambda d: d["model"].pop("source"), "required key 'model.source' is not set"),
+    (lambda d: d["quantize"]["recipes"]["int8-smooth"]["smooth"].update(alpha=1.5),
+     "quantize.recipes.int8-smooth: smooth.alpha must be between 0 and 1 (exclusive), got 1.5"),
+    (lambda d: d["quantize"]["recipes"]["fp16"].update(smooth={"alpha": 0.5}),
+     "quantize.recipes.fp16: smooth needs a matmul-nbits recipe"),
 ])
 def test_bad_params_are_one_line_errors(tmp_path, edit, expected):
     with pytest.raises(AntinetError) as err:

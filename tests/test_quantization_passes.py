@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, TypeProto, helper, numpy_helper
 
+from antinet_npu import AntinetError
 from antinet_npu.quantization import _nbits_pass, fuse_nbits_siblings
 
 
@@ -123,3 +124,55 @@ def test_dynamic_int8_never_loads_the_weights_and_writes_what_onnxruntime_does(t
     monkeypatch.undo()
     _same_model(tmp_path / "q.onnx", onnx.load(tmp_path / "ref.onnx"))
     assert not list((tmp_path / "models").glob(".*")) and not list(tmp_path.glob("*inferred*"))
+
+
+def _norm_and_gated_mlp(rng, k=64, inner=96, outlier=40.0):
+    """x -> Mul(gain) -> q/k MatMuls; and the gated MLP: Mul(Sigmoid(x Wg), x Wu) -> down MatMul. Channel 3 of x is
+    an outlier, as real LLMs have in their RMSNorm outputs."""
+    w = {name: rng.standard_normal(shape).astype(np.float32) * 0.1 for name, shape in
+         (("wq", (k, k)), ("wk", (k, 16)), ("wg", (k, inner)), ("wu", (k, inner)), ("wd", (inner, k)))}
+    w["gain"] = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["x", "gain"], ["normed"], name="norm/Mul_1"),
+             helper.make_node("MatMul", ["normed", "wq"], ["q"], name="q_proj/MatMul"),
+             helper.make_node("MatMul", ["normed", "wk"], ["kk"], name="k_proj/MatMul"),
+             helper.make_node("MatMul", ["normed", "wg"], ["g"], name="gate_proj/MatMul"),
+             helper.make_node("Sigmoid", ["g"], ["sg"], name="act"),
+             helper.make_node("MatMul", ["normed", "wu"], ["u"], name="up_proj/MatMul"),
+             helper.make_node("Mul", ["sg", "u"], ["p"], name="mlp/Mul"),
+             helper.make_node("MatMul", ["p", "wd"], ["y"], name="down_proj/MatMul")]
+    graph = helper.make_graph(nodes, "smooth", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, k])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("q", "kk", "y")],
+                              [numpy_helper.from_array(v, n) for n, v in w.items()])
+    x = rng.standard_normal((1, 8, k)).astype(np.float32)
+    x[..., 3] *= outlier
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), x
+
+
+def test_smoothing_keeps_the_float_graph_and_helps_int8_activations():
+    """Scales folded into the gain and up_proj's columns: the float outputs stay (relative to their scale), the graph
+    keeps its nodes, and the int8 block-wise activations of MatMulNBits lose less to the outlier channel."""
+    from antinet_npu import smoothing
+
+    rng = np.random.default_rng(0)
+    model, x = _norm_and_gated_mlp(rng)
+    sites = smoothing.find_sites(model.graph)
+    assert [(s.activation, s.divide, s.weights) for s in sites] == [
+        ("normed", "gain", ("wq", "wk", "wg", "wu")), ("p", "wu", ("wd",))]
+    float_out = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    probe = model.__deepcopy__()
+    probe.graph.output.extend(helper.make_value_info(s.activation, TypeProto()) for s in sites)
+    acts = ort.InferenceSession(probe.SerializeToString()).run([s.activation for s in sites], {"x": x})
+    amax = {s.activation: np.abs(a.reshape(-1, a.shape[-1])).max(0) for s, a in zip(sites, acts)}
+    smoothed = model.__deepcopy__()
+    assert smoothing.fold(smoothed, amax, alpha=0.5) == 2
+    assert [n.op_type for n in smoothed.graph.node] == [n.op_type for n in model.graph.node]
+    for a, b in zip(float_out, ort.InferenceSession(smoothed.SerializeToString()).run(None, {"x": x})):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+    def int8_error(m) -> float:
+        q = ort.InferenceSession(_nbits_pass(m.__deepcopy__(), 8, 32, True, 4, "rtn").SerializeToString())
+        return max(np.abs(a - b).max() / np.abs(a).max() for a, b in zip(float_out, q.run(None, {"x": x})))
+
+    assert int8_error(smoothed) < 0.5 * int8_error(model)
+    with pytest.raises(AntinetError, match="alpha must be in"):
+        smoothing.fold(smoothed, amax, alpha=1.0)

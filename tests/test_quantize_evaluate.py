@@ -13,14 +13,14 @@ from antinet_npu.onnx_models import save
 from conftest import TEST_OVERRIDES, clone_project, error_line, reproduce, run_cli
 
 pytestmark = pytest.mark.slow
-PRECISIONS = ["fp16", "int8-dynamic", "int8-block", "int8-mixed", "int4-block"]
+PRECISIONS = ["fp16", "int8-dynamic", "int8-block", "int8-smooth", "int8-mixed", "int4-block"]
 
 
 def _metrics(project, kind, precision):
     return json.loads((project / "metrics" / kind / f"{precision}.json").read_text())
 
 
-def test_repro_builds_five_variants_and_six_evaluations(pipeline):
+def test_repro_builds_six_variants_and_seven_evaluations(pipeline):
     assert {f"quantize@{p}" for p in PRECISIONS} | {f"evaluate@{p}" for p in ["fp32", *PRECISIONS]} <= \
         set(pipeline.first_run)
     for p in PRECISIONS:
@@ -49,10 +49,21 @@ def test_fp16_agrees_with_fp32(pipeline):
 
 
 def test_int8_files_are_under_four_tenths_of_fp32(pipeline):
-    for p in ("int8-dynamic", "int8-block"):
+    for p in ("int8-dynamic", "int8-block", "int8-smooth"):
         assert _metrics(pipeline.path, "quantize", p)["size_ratio"] < 0.4, p
     assert _metrics(pipeline.path, "quantize", "int4-block")["size_ratio"] < \
         _metrics(pipeline.path, "quantize", "int8-block")["size_ratio"]
+
+
+def test_smoothing_changes_the_numbers_not_the_graph(pipeline):
+    """int8-smooth is int8-block's graph (same nodes, same bytes: same speed) with rescaled weights and gains."""
+    block, smooth = (_metrics(pipeline.path, "quantize", p) for p in ("int8-block", "int8-smooth"))
+    assert smooth["smooth_alpha"] == 0.5 and smooth["smooth_samples"] >= 1 and "smooth_alpha" not in block
+    assert smooth["quantized_ops"] == block["quantized_ops"] and smooth["size_mb"] == pytest.approx(block["size_mb"])
+    graphs = [onnx.load(pipeline.path / f"models/onnx/tiny-qwen2-{p}.onnx", load_external_data=False)
+              for p in ("int8-block", "int8-smooth")]
+    assert [n.op_type for n in graphs[0].graph.node] == [n.op_type for n in graphs[1].graph.node]
+    assert _metrics(pipeline.path, "evaluate", "int8-smooth")["gate_passed"]
 
 
 def _damage(path, factor):
@@ -94,7 +105,8 @@ def test_params_change_reruns_only_that_variant(pipeline, tmp_path):
 
 def test_unknown_precision(pipeline):
     line = error_line(run_cli(pipeline.path, "quantize", "--precision", "int3"), "quantize")
-    assert "unknown precision 'int3': valid ones are fp16, int8-dynamic, int8-block, int8-mixed, int4-block" in line
+    assert ("unknown precision 'int3': valid ones are fp16, int8-dynamic, int8-block, int8-smooth, int8-mixed, "
+            "int4-block") in line
     line = error_line(run_cli(pipeline.path, "quantize", "--precision", "fp16", "quantize.precisions=[fp8]"),
                        "quantize")
     assert "unknown precision 'fp8'" in line

@@ -32,14 +32,16 @@ _SINGLE_PASS = ("torch-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8-dyna
                 "ort-cpu-int8-mixed", "ort-cpu-int4-block")
 OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[128]", "compile.precisions=[w8a16-mixed]",
              "compile.generation.verify_prompts=1", "compile.generation.verify_new_tokens=8",
-             "quantize.precisions=[int8-dynamic,int8-block,int8-mixed,int4-block]", "~evaluate.variants.fp16",
+             "quantize.precisions=[int8-dynamic,int8-block,int8-smooth,int8-mixed,int4-block]",
+             "~evaluate.variants.fp16",
              "bench/runs=cpu", "bench.warmup=1", "bench.iterations=3", "bench/generation=short",
              "bench.generation.new_tokens=32", "bench.generation.iterations=1",
              "bench.generation.genai_precisions=[int8]",
              *(f"~bench.runs.{run}-32" for run in _SINGLE_PASS),
              *(f"~bench.runs.{run}-128" for run in _SINGLE_PASS if run != "ort-cpu-int8-block"),
              *(f"~bench.generation.runs.{run}" for run in
-               ("torch-fp32", "ort-cpu-fp32", "ort-cpu-int8-mixed", "ort-cpu-int4-block", "ort-genai-int4"))]
+               ("torch-fp32", "ort-cpu-fp32", "ort-cpu-int8-mixed", "ort-cpu-int8-smooth", "ort-cpu-int4-block",
+                "ort-genai-int4"))]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,15 @@ def test_cpu_8bit_mixed_meets_the_goal(real):
     kept = q["kept_groups"].split(",")
     candidates = sorted((g["rank"], name) for name, g in ranking.items() if name != "embedding")
     assert kept == [name for _, name in candidates[:len(kept)]]
+
+
+def test_cpu_8bit_smoothed_meets_the_goal_with_int8_blocks_graph(real):
+    # activation smoothing: int8-block's graph and bytes (so its decode speed), the fidelity goal on held-out text
+    m = _metrics(real, "evaluate/int8-smooth")
+    assert m["samples"] >= 16 and m["top1_agreement"] >= 0.97 and m["ppl_increase"] <= 0.01 and m["gate_passed"]
+    smooth, block = _metrics(real, "quantize/int8-smooth"), _metrics(real, "quantize/int8-block")
+    assert smooth["quantized_ops"] == block["quantized_ops"] and abs(smooth["size_mb"] / block["size_mb"] - 1) < 1e-3
+    assert m["kl"] < _metrics(real, "evaluate/int8-block")["kl"]
 
 
 def test_4bit_recipe_within_five_percent(real):

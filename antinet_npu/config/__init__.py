@@ -27,6 +27,7 @@ from antinet_npu.config.recipes import (
     QuantizeConfig,
     RecipeConfig,
     SensitivityConfig,
+    SmoothConfig,
 )
 from antinet_npu.config.runs import (
     BACKENDS,
@@ -43,7 +44,8 @@ __all__ = ["BACKENDS", "BUILTIN_PREFIX", "CONF_DIR", "GENAI_PRECISIONS", "HTP_PE
            "BenchConfig", "BenchRunConfig", "BuiltinModelConfig", "CompileConfig", "Config", "EvaluateConfig",
            "ExportConfig", "GateConfig", "GenRunConfig", "GenerationBenchConfig", "GenerationGraphsConfig",
            "MixedConfig", "ModelConfig", "ProbeConfig", "QdqRecipeConfig", "QuantizeConfig", "RecipeConfig",
-           "SensitivityConfig", "ServeConfig", "TargetConfig", "TextConfig", "compose", "load", "to_yaml", "validate"]
+           "SensitivityConfig", "ServeConfig", "SmoothConfig", "TargetConfig", "TextConfig", "compose", "load",
+           "to_yaml", "validate"]
 
 CONF_DIR = "conf"
 PARAMS_FILE = "params.yaml"

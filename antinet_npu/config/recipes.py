@@ -76,6 +76,21 @@ class MixedConfig:
                  f"mixed.block_size must be a power of 2 >= 16, got {self.block_size}")
 
 
+@dataclass
+class SmoothConfig:
+    """Activation smoothing (SmoothQuant-style) folded into the float weights before quantization."""
+
+    alpha: float = field(default=0.5, metadata=doc("how much of an activation channel's range moves into the weights "
+                                                    "(0..1): s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)"))
+    samples: int = field(default=8, metadata=doc("calibration windows (calibration text) for max|x_j|"))
+    seq_len: int = field(default=128, metadata=doc("tokens per calibration window"))
+
+    def check(self) -> None:
+        require(0 < self.alpha < 1, f"smooth.alpha must be between 0 and 1 (exclusive), got {self.alpha}")
+        require(self.samples >= 1 and self.seq_len >= 1,
+                 f"smooth.samples and smooth.seq_len must be >= 1, got {self.samples} and {self.seq_len}")
+
+
 CPU_KEEP_AS = ("float", "8bit", "fp32-compute")
 NPU_KEEP_AS = ("w16", "float")
 
@@ -112,6 +127,8 @@ class RecipeConfig:
                                                              "kernel calls"))
     mixed: Optional[MixedConfig] = field(default=None, metadata=doc("matmul-nbits / dynamic-int8: keep the most "
                                                                       "sensitive layer groups at higher precision"))
+    smooth: Optional[SmoothConfig] = field(default=None, metadata=doc("matmul-nbits: move activation outliers into "
+                                                                        "the weights first (same graph, same speed)"))
 
     def check(self) -> None:
         require(self.method in QUANT_METHODS,
@@ -132,6 +149,9 @@ class RecipeConfig:
                      "mixed.keep_as 8bit needs a matmul-nbits recipe")
             require(self.mixed.keep_as != "fp32-compute" or self.method == "matmul-nbits",
                      "mixed.keep_as fp32-compute needs a matmul-nbits recipe")
+        if self.smooth is not None:
+            require(self.method == "matmul-nbits", "smooth needs a matmul-nbits recipe")
+            self.smooth.check()
 
 
 @dataclass
