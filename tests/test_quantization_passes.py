@@ -176,3 +176,27 @@ def test_smoothing_keeps_the_float_graph_and_helps_int8_activations():
     assert int8_error(smoothed) < 0.5 * int8_error(model)
     with pytest.raises(AntinetError, match="alpha must be in"):
         smoothing.fold(smoothed, amax, alpha=1.0)
+
+
+def test_smoothing_gives_a_shared_gain_a_copy_per_norm():
+    """Untrained norms have identical gains, which an export may share: each smoothed norm gets its own."""
+    from antinet_npu import smoothing
+
+    rng = np.random.default_rng(2)
+    w = {"g": np.ones(32, np.float32), **{f"w{i}": rng.standard_normal((32, 16)).astype(np.float32) for i in (1, 2)}}
+    nodes = [helper.make_node("Mul", [x, "g"], [f"n{i}"], name=f"norm{i}/Mul") for i, x in ((1, "a"), (2, "b"))]
+    nodes += [helper.make_node("MatMul", [f"n{i}", f"w{i}"], [f"y{i}"], name=f"proj{i}/MatMul") for i in (1, 2)]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4, 32])
+                                                 for x in ("a", "b")],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in (1, 2)],
+                              [numpy_helper.from_array(v, n) for n, v in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {x: (rng.standard_normal((1, 4, 32)) * (1 + 20 * (np.arange(32) == i))).astype(np.float32)
+             for x, i in (("a", 3), ("b", 7))}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    amax = {f"n{i}": np.abs(feeds[x]).max((0, 1)) for i, x in ((1, "a"), (2, "b"))}
+    assert smoothing.fold(model, amax, alpha=0.5) == 2
+    gains = [n.input[1] for n in model.graph.node if n.op_type == "Mul"]
+    assert len(set(gains)) == 2  # the first a copy of its own, the second the original
+    for a, b in zip(before, ort.InferenceSession(model.SerializeToString()).run(None, feeds)):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
