@@ -70,11 +70,12 @@ def run(cfg: Config, precision: str) -> dict:
                      size_ratio=round(artifacts.onnx_size_mb(var_path) / artifacts.onnx_size_mb(ref_path), 4),
                      gate_passed=not violations, seconds=round(time.perf_counter() - start, 2))
     artifacts.write_metrics(artifacts.METRICS / "evaluate" / f"{precision}.json", metrics)
-    log.info("%s: top-1 %.4f, cosine %.5f, KL %.2e, perplexity %.2f (FP32 %.2f, %+.2f%%%s), greedy tokens equal "
-             "to FP32 %.3f (first divergence at %.1f of %d), %s", precision, result["top1_agreement"],
-             result["cosine"], result["kl"], result["perplexity"], result["perplexity_fp32"],
-             100 * result["ppl_increase"], fidelity.interval_text(result), result["gen_agreement"],
-             result["gen_first_divergence"], ev.gen_tokens, "gate passed" if not violations else "GATE FAILED")
+    greedy_text = (f"greedy tokens equal to FP32 {result['gen_agreement']:.3f} (first divergence at "
+                   f"{result['gen_first_divergence']:.1f} of {ev.gen_tokens})" if prompts.size else "no greedy check")
+    log.info("%s: top-1 %.4f, cosine %.5f, KL %.2e, perplexity %.2f (FP32 %.2f, %+.2f%%%s), %s, %s", precision,
+             result["top1_agreement"], result["cosine"], result["kl"], result["perplexity"], result["perplexity_fp32"],
+             100 * result["ppl_increase"], fidelity.interval_text(result), greedy_text,
+             "gate passed" if not violations else "GATE FAILED")
     if violations:
         mode = ev.gate_mode(precision)
         message = "fidelity gate: " + "; ".join(violations) + f" (bounds in evaluate.gates; mode {mode})"

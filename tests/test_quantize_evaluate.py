@@ -136,3 +136,11 @@ def test_corrupt_or_missing_input_onnx(pipeline, tmp_path):
     (project / "models/onnx/tiny-qwen2.onnx").unlink()
     line = error_line(run_cli(project, "quantize", "--precision", "int8-block"), "quantize")
     assert "not found: run the stage that builds it" in line
+
+
+def test_evaluate_without_greedy_prompts(pipeline, tmp_path):
+    project = clone_project(pipeline.path, tmp_path / "p")
+    proc = run_cli(project, "evaluate", "--precision", "int8-block", "evaluate.gen_prompts=0")
+    assert proc.returncode == 0 and "no greedy check" in proc.stderr, proc.stderr[-2000:]
+    m = _metrics(project, "evaluate", "int8-block")
+    assert m["gen_prompts"] == 0 and "gen_agreement" not in m and m["gate_passed"]
