@@ -162,13 +162,19 @@ def cpu_session(path: Path, threads: int = 0, optimization: str = "all"):
                            "and re-run `dvc repro`") from None
 
 
-def run_logits(session, signature: Signature, input_ids: np.ndarray,
-               attention_mask: np.ndarray | None = None) -> np.ndarray:
-    """One forward pass over (batch, S) ids (empty KV cache when the graph has one) -> float32 logits."""
+def forward_feeds(signature: Signature, input_ids: np.ndarray,
+                  attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The feeds of one forward pass over (batch, S) ids, with an empty KV cache when the graph has one."""
     mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
     feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
     if "position_ids" in signature.inputs:  # as transformers numbers a left-padded row: from its first real token
         feeds["position_ids"] = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
     if signature.kv is not None:
         feeds.update(signature.kv.empty(input_ids.shape[0]))
-    return session.run(["logits"], feeds)[0].astype(np.float32)
+    return feeds
+
+
+def run_logits(session, signature: Signature, input_ids: np.ndarray,
+               attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """One forward pass over (batch, S) ids (empty KV cache when the graph has one) -> float32 logits."""
+    return session.run(["logits"], forward_feeds(signature, input_ids, attention_mask))[0].astype(np.float32)

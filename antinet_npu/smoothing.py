@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.external_data_helper
 from onnx import numpy_helper
 
 from antinet_npu import AntinetError
+from antinet_npu.onnx_models import forward_feeds
 from antinet_npu.signature import Signature
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,7 @@ def activation_max(src: Path, windows: np.ndarray, threads: int = 0) -> dict[str
     names = [s.activation for s in sites]
     amax: dict[str, np.ndarray] = {}
     for ids in windows:
-        ids = ids[None].astype(np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        if "position_ids" in signature.inputs:
-            feeds["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
-        if signature.kv is not None:
-            feeds.update(signature.kv.empty(1))
-        for name, x in zip(names, session.run(names, feeds)):
+        for name, x in zip(names, session.run(names, forward_feeds(signature, ids[None]))):
             m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
             amax[name] = np.maximum(amax[name], m) if name in amax else m
     return amax
@@ -118,16 +112,8 @@ def fold(model: onnx.ModelProto, amax: dict[str, np.ndarray], alpha: float, weig
         for i in set(n.input):
             readers[i] = readers.get(i, 0) + 1
 
-    def read(name: str) -> np.ndarray:  # external data: read from the file into a buffer of its own (writable)
-        tensor = inits[name]
-        if weights_dir and onnx.external_data_helper.uses_external_data(tensor):
-            info = {e.key: e.value for e in tensor.external_data}
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            count = int(np.prod(tensor.dims)) if tensor.dims else 1
-            with open(Path(weights_dir) / info["location"], "rb") as fh:
-                fh.seek(int(info.get("offset", 0)))
-                return np.fromfile(fh, dtype=dtype, count=count).reshape(tuple(tensor.dims))
-        return numpy_helper.to_array(tensor)
+    def read(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name], base_dir=str(weights_dir or ""))
 
     def write(name: str, value: np.ndarray) -> None:  # same name, shape and type: only the bytes change
         tensor = inits[name]
@@ -160,13 +146,7 @@ def fold(model: onnx.ModelProto, amax: dict[str, np.ndarray], alpha: float, weig
             node.input[list(node.input).index(site.gain_input)] = own
             site = Site(site.activation, site.producer, own, site.weights, own)
         write(site.divide, divide / (s if divide.ndim == 1 else s[None, :]))
-        for name in site.weights:
-            w = weights.pop(0)
-            if w.flags.writeable:
-                w *= s[:, None]  # in place: the lm_head alone is 0.9 GB at the Qwen2-1.5B shape
-            else:
-                w = w * s[:, None]
-            write(name, w)
-            del w
+        for name, w in zip(site.weights, weights):
+            write(name, w * s[:, None])
         done += 1
     return done
