@@ -8,22 +8,26 @@ import pytest
 from onnx import TensorProto, TypeProto, helper, numpy_helper
 
 from antinet_npu import AntinetError
-from antinet_npu.quantization import _nbits_pass, fuse_nbits_siblings
+from antinet_npu.quantization import _nbits_pass, fuse_nbits_siblings, integer_zero_points
+
+
+def _siblings(sizes: tuple[int, ...], k: int, rng):
+    """MatMuls of widths `sizes` reading one activation x (1, 5, k), like q/k/v."""
+    weights = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), f"w{i}")
+               for i, n in enumerate(sizes)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"proj{i}") for i in range(len(sizes))]
+    graph = helper.make_graph(nodes, "siblings", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, k])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 5, n])
+                               for i, n in enumerate(sizes)], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_matmuls_reading_one_input_become_one_node_over_the_same_weights(bits):
     """q/k/v-like siblings: one MatMulNBits and a Split, the very same quantized bytes, the same outputs."""
     rng = np.random.default_rng(0)
-    sizes, k = (96, 32, 32), 64
-    weights = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), f"w{i}")
-               for i, n in enumerate(sizes)]
-    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"proj{i}") for i in range(3)]
-    graph = helper.make_graph(nodes, "siblings", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, k])],
-                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 5, n])
-                               for i, n in enumerate(sizes)], weights)
-    model = _nbits_pass(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bits, 32, True, 4,
-                        "rtn")
+    k = 64
+    model = _nbits_pass(_siblings((96, 32, 32), k, rng), bits, 32, True, 4, "rtn")
     before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     separate = model.SerializeToString()
     assert fuse_nbits_siblings(model) == 2
@@ -38,6 +42,26 @@ def test_matmuls_reading_one_input_become_one_node_over_the_same_weights(bits):
     for a, b in zip(out_separate, out_fused):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
 
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_hqq_float_zero_points_become_an_integer_kernel_and_a_block_sum_term(fuse):
+    """HQQ's float zero points, rewritten for onnxruntime's integer kernels: no float zero point left, the same
+    product (fp32 compute on both sides: the rewrite itself is exact), fused siblings included."""
+    rng = np.random.default_rng(2)
+    k = 96
+    model = _nbits_pass(_siblings((48, 16), k, rng), 4, 32, False, 1, "hqq")
+    if fuse:
+        fuse_nbits_siblings(model)
+    float_zero = model.SerializeToString()
+    assert integer_zero_points(model) == (1 if fuse else 2)
+    inits = {i.name: i for i in model.graph.initializer}
+    assert all(len(n.input) == 3 for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert not any(i.data_type == TensorProto.FLOAT and i.name.endswith("_zero_points") for i in inits.values())
+    x = {"x": rng.standard_normal((1, 5, k)).astype(np.float32)}
+    for a, b in zip(ort.InferenceSession(float_zero).run(None, x),
+                    ort.InferenceSession(model.SerializeToString()).run(None, x)):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
 
 def _external_model(path):
     """ids -> embedding Gather -> MatMul -> Add -> MatMul: weights in an external-data file, as every stage saves."""
