@@ -43,7 +43,6 @@ def test_matmuls_reading_one_input_become_one_node_over_the_same_weights(bits):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
 
 
-
 @pytest.mark.parametrize("fuse", [False, True])
 def test_hqq_float_zero_points_become_an_integer_kernel_and_a_block_sum_term(fuse):
     """HQQ's float zero points, rewritten for onnxruntime's integer kernels: no float zero point left, the same
@@ -62,6 +61,7 @@ def test_hqq_float_zero_points_become_an_integer_kernel_and_a_block_sum_term(fus
     for a, b in zip(ort.InferenceSession(float_zero).run(None, x),
                     ort.InferenceSession(model.SerializeToString()).run(None, x)):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
 
 def _external_model(path):
     """ids -> embedding Gather -> MatMul -> Add -> MatMul: weights in an external-data file, as every stage saves."""
