@@ -44,6 +44,9 @@ OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[128]", "compile.precisions
                 "ort-genai-int4"))]
 
 
+NEEDS_GB = 10  # the workspace peaks at about 8 GB of variants and DVC cache
+
+
 @pytest.fixture(scope="module")
 def checkpoint_dir() -> Path:
     path = Path(os.environ.get("ANTINET_SMOLLM2_DIR", ROOT / "checkpoints" / "smollm2-135m"))
@@ -55,7 +58,13 @@ def checkpoint_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, checkpoint_dir) -> Iterator[Path]:
-    path = make_project(tmp_path_factory.mktemp("real"), [*OVERRIDES, f"model.source={checkpoint_dir}"])
+    dest = tmp_path_factory.mktemp("real")
+    # A full disk fails a stage halfway with errno 28 deep in its log: say so before 15 minutes of work instead
+    free_gb = shutil.disk_usage(dest).free / 1e9
+    if free_gb < NEEDS_GB:
+        pytest.fail(f"the real-model test needs about {NEEDS_GB} GB free under {dest.parent} and finds "
+                    f"{free_gb:.1f} GB: free disk space or point pytest's --basetemp at a larger disk", pytrace=False)
+    path = make_project(dest, [*OVERRIDES, f"model.source={checkpoint_dir}"])
     reproduce(path)
     yield path
     shutil.rmtree(path, ignore_errors=True)  # about 8 GB of variants and DVC cache: not kept past the module
