@@ -48,7 +48,9 @@ def test_repro_writes_bench_metrics_report_and_verify_runs(pipeline):
     assert list(entry["tests"][0]) == ["sequence_length", "avg_latency_ms", "min_latency_ms", "max_latency_ms",
                                        "throughput_qps"]
     proc = run_cli(pipeline.path, "verify")
-    assert proc.returncode == 0 and "emulated: timing not judged" in proc.stdout
+    # the verdict follows the measured latencies (a loaded machine can push a CPU run over its budget)
+    assert proc.returncode == (0 if _within_budget(pipeline.path) else 1)
+    assert "emulated: timing not judged" in proc.stdout
 
 
 def test_every_available_backend_matches_ort_cpu_fp32(pipeline, monkeypatch):
@@ -203,8 +205,17 @@ def _edit(path, **changes):
     path.write_text(json.dumps(data))
 
 
+def _within_budget(project) -> bool:
+    return all(m["emulated"] or m["within_budget"]
+               for m in (json.loads(f.read_text()) for f in (project / "metrics/bench").glob("*.json")))
+
+
 def test_verify_exit_codes(pipeline, tmp_path):
     project = clone_project(pipeline.path, tmp_path / "p")
+    for f in (project / "metrics/bench").glob("*.json"):  # start compliant, whatever load the machine was under
+        m = json.loads(f.read_text())
+        if not m["emulated"] and not m["within_budget"]:
+            _edit(f, avg_latency_ms=m["budget_ms"] / 2, within_budget=True)
     assert run_cli(project, "verify").returncode == 0
     # an emulated run over budget is shown but not judged
     _edit(project / "metrics/bench/qnn-htp-w8a16-32.json", avg_latency_ms=9999.0, within_budget=False)
