@@ -76,6 +76,17 @@ def qnn_gen_ctx(folder: Path, ar: int, index: int, verify: bool = False) -> Path
     return (folder / "verify" if verify else folder) / f"ar{ar}-part{index}_ctx.onnx"
 
 
+def qnn_gen_greedy(folder: Path) -> Path:
+    """Greedy tokens of compile-gen's verification prompts: FP32 parts and the host loop over verify/'s binaries."""
+    return folder / "verify" / "greedy.json"
+
+
+def genie_dir(model: str, precision: str) -> Path:
+    """A Genie bundle: genie_config.json, htp_backend_ext_config.json, tokenizer.json and the shipped binaries
+    `weight_sharing_model_<i>_of_<n>.serialized.bin`, as Qualcomm AI Hub ships LLMs."""
+    return MODELS / "genie" / f"{model}-{precision}"
+
+
 def genai_dir(model: str, precision: str) -> Path:
     """onnxruntime-genai model folder (model.onnx, genai_config.json, tokenizer) built by its model builder."""
     return MODELS / "genai" / f"{model}-{precision}"
@@ -92,6 +103,8 @@ def run_artifact(model: str, backend: str, precision: str, seq_len: int | None =
         return path, external_data(path)
     if backend == "ort-genai":
         return genai_dir(model, precision), genai_dir(model, precision)
+    if backend == "genie":
+        return genie_dir(model, precision), genie_dir(model, precision)
     if backend in ("qnn-htp", "qai-appbuilder") and seq_len:
         path = ctx_path(model, precision, seq_len)
         return path, path.with_name(path.stem + "_qnn.bin")

@@ -35,6 +35,10 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "compile-gen": ("the NPU generation parts -> QDQ -> one QNN context binary per part (AR-N and AR-1 over one "
                     "weight copy) in models/qnn-gen/<model>-<precision>/, verified on the QNN HTP backend",
                     [("--precision", dict(required=True, help="a key of compile.recipes, e.g. w8a16"))]),
+    "genie": ("the compile-gen parts -> a Genie bundle models/genie/<model>-<precision>/ (genie_config.json, "
+              "htp_backend_ext_config.json, tokenizer.json, weight_sharing_model_<i>_of_<n>.serialized.bin), checked "
+              "by Genie itself",
+              [("--precision", dict(required=True, help="a key of compile.recipes built by compile-gen, e.g. w8a16"))]),
     "bench": ("latency of one forward pass on one backend -> metrics/bench/<run>.json",
               [("--run", dict(required=True, help="a key of bench.runs, e.g. ort-cpu-int8-block-128"))]),
     "export-genai": ("PyTorch snapshot -> models/genai/<model>-<precision>/ by onnxruntime-genai's model builder "

@@ -103,8 +103,10 @@ def compact_attention(self, hidden_states, position_embeddings, attention_mask, 
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx)
+    # a cache that keeps keys transposed (the NPU parts) hands them back as (batch, kv head, dim, total)
+    keys_t = k if getattr(cache, "keys_transposed", False) else k.transpose(2, 3)
     grouped = _Reshape.apply(q, (0, kv_heads, -1, dim))  # (batch, kv head, rep x new, dim): head i uses i // rep
-    weights = torch.matmul(grouped, k.transpose(2, 3)) * self.scaling
+    weights = torch.matmul(grouped, keys_t) * self.scaling
     if attention_mask is not None:  # (batch, 1, new, total), the same for each of the rep query heads
         weights = weights + attention_mask.repeat(1, 1, rep, 1)
     weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -165,20 +167,26 @@ def export_dynamic(model: torch.nn.Module, out: Path, opset: int, context_length
 
 
 class _PartCache:
-    """The cache protocol `onnx_export.compact_attention` calls: appends a layer's new keys/values to its past
-    (the graph's inputs) and keeps the new ones (the graph's outputs)."""
+    """The cache protocol `compact_attention` calls, over the parts' KV layout (AI Hub's): past keys come in as
+    (kv_heads, 1, head_dim, past) and values as (kv_heads, 1, past, head_dim); the layer's new entries are kept in the
+    same layouts (the graph's outputs). Keys stay transposed through attention, so the past is never transposed."""
+
+    keys_transposed = True
 
     def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.past, self.new = past, {}
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        self.new[layer_idx] = (key, value)
         past_key, past_value = self.past[layer_idx]
-        return torch.cat([past_key, key], dim=-2), torch.cat([past_value, value], dim=-2)
+        key_t = key.transpose(2, 3)  # (1, kv_heads, head_dim, new)
+        self.new[layer_idx] = (key_t.transpose(0, 1), value.transpose(0, 1))
+        return torch.cat([past_key.transpose(0, 1), key_t], dim=-1), torch.cat([past_value.transpose(0, 1), value],
+                                                                                dim=-2)
 
 
 class DecoderPart(torch.nn.Module):
-    """A `Part` of a Qwen2/Llama causal LM as a module with the static I/O above (attention: `compact_attention`)."""
+    """A `Part` of a Qwen2/Llama causal LM as a module with the static I/O of `static_llm` (attention:
+    `compact_attention`): cos/sin come in with one value per rotated pair, (1, 1, AR, head_dim / 2)."""
 
     def __init__(self, model: torch.nn.Module, part: Part):
         super().__init__()
@@ -187,6 +195,7 @@ class DecoderPart(torch.nn.Module):
     def forward(self, x, attention_mask, cos, sin, *past):
         inner, part = self.model.model, self.part
         hidden = inner.embed_tokens(x) if part.embeds else x
+        cos, sin = (torch.cat([t, t], dim=-1)[:, 0] for t in (cos, sin))  # (1, AR, head_dim), halves repeated
         cache = _PartCache({layer: (past[2 * i], past[2 * i + 1]) for i, layer in enumerate(part.layers)})
         for layer in part.layers:
             hidden = inner.layers[layer](hidden, attention_mask=attention_mask, position_embeddings=(cos, sin),
@@ -302,12 +311,12 @@ def export_part(model: torch.nn.Module, part: Part, out: Path, prefill_len: int,
     """One static generation graph (see `static_llm`): `part` of `model` taking `prefill_len` tokens per call over
     a context of `context_length`. Call `use_compact_attention` (and `fuse_rmsnorm` if wanted) on `model` first."""
     layout = kv_layout(model.config)
-    ar, past_len = prefill_len, context_length - prefill_len
-    first = (torch.zeros((1, ar), dtype=torch.int64) if part.embeds
+    ar, past_len, half = prefill_len, context_length - prefill_len, layout.head_dim // 2
+    first = (torch.zeros((1, ar), dtype=torch.int32) if part.embeds
              else torch.zeros((1, ar, model.config.hidden_size)))
-    sample = (first, torch.zeros((1, 1, ar, context_length)), torch.ones((1, ar, layout.head_dim)),
-              torch.zeros((1, ar, layout.head_dim)),
-              *(torch.zeros((1, layout.kv_heads, past_len, layout.head_dim)) for _ in range(2 * part.num_layers)))
+    past = [torch.zeros(layout.part_shape(kind, past_len)) for _ in part.layers for kind in ("key", "value")]
+    sample = (first, torch.zeros((1, 1, ar, context_length)), torch.ones((1, 1, ar, half)),
+              torch.zeros((1, 1, ar, half)), *past)
     signature = Signature(inputs=tuple(part.input_names()), outputs=tuple(part.output_names()), mask=ADDITIVE_MASK,
                           context_length=context_length, seq_len=ar, mask_value=mask_value, kv=layout, part=part,
                           rope=Rope.of(model))

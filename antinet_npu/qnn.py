@@ -7,6 +7,7 @@ binaries, but its timings say nothing about the NPU, so everything it runs is la
 from __future__ import annotations
 
 import platform
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,75 @@ def compile_shared(qdq_models: list[Path], ctx_models: list[Path], target: Targe
                            "(expected one)")
 
 
+def name_graphs(names: dict[Path, str]) -> None:
+    """Rename the graph of each context model (`_ctx.onnx` -> new name), in its wrapper and in its binary.
+
+    Genie orders a model's parts by graph name (`<prefix>_<i>_of_<n>`, `Part.graph_name`), but the QNN EP names a
+    graph after a hash of the model's path, and `ep.context_node_name_prefix` does not reach the name inside the
+    binary (QNN 2.51). The binary stores each name as a length-prefixed, NUL-terminated string (some with a
+    `PICKLE/256/` prefix); a name no longer than the old one is written in place with its new length and zeros after
+    it, so no offset in the file moves. Every occurrence must be found, or nothing is written."""
+    by_binary: dict[Path, dict[str, str]] = {}
+    wrappers = {}
+    for ctx, new in names.items():
+        model = onnx.load(ctx, load_external_data=False)
+        nodes = [n for n in model.graph.node if n.op_type == "EPContext"]
+        binaries = context_binaries(ctx)
+        if len(nodes) != 1 or len(binaries) != 1:
+            raise AntinetError(f"{ctx} holds {len(nodes)} EPContext node(s) over {len(binaries)} binaries: cannot "
+                               "name its graph (one of each expected)")
+        old = nodes[0].name
+        if len(new.encode()) > len(old.encode()):
+            raise AntinetError(f"graph name {new!r} is longer than the QNN EP's {old!r}: it cannot be written in place")
+        by_binary.setdefault(binaries[0], {})[old] = new
+        wrappers[ctx] = (model, nodes[0], new)
+    blobs = {binary: _renamed(binary, renames) for binary, renames in by_binary.items()}
+    for binary, blob in blobs.items():
+        binary.write_bytes(blob)
+    for ctx, (model, node, new) in wrappers.items():
+        node.name = new
+        for attr in node.attribute:
+            if attr.name == "partition_name":
+                attr.s = new.encode()
+        onnx.save(model, ctx)
+
+
+def _renamed(binary: Path, renames: dict[str, str]) -> bytes:
+    """The bytes of `binary` with every length-prefixed string that ends in an old graph name rewritten."""
+    data = bytearray(binary.read_bytes())
+    for old, new in renames.items():
+        needle, found = old.encode(), 0
+        at = data.find(needle)
+        while at >= 0:
+            end = at + len(needle)
+            # the string holding this occurrence starts a few bytes before it (a prefix) or at it
+            start = next((s for s in range(at, max(at - 64, 4) - 1, -1)
+                          if struct.unpack_from("<I", data, s - 4)[0] == end - s), None)
+            if start is None or end >= len(data) or data[end] != 0:
+                raise AntinetError(f"{binary.name}: graph name {old!r} found outside a length-prefixed string: this "
+                                   "QNN context binary layout is not the one `qnn.name_graphs` knows")
+            text = bytes(data[start:at]) + new.encode()
+            struct.pack_into("<I", data, start - 4, len(text))
+            data[start:end] = text + b"\0" * (end - start - len(text))
+            found += 1
+            at = data.find(needle, end)
+        if not found:
+            raise AntinetError(f"{binary.name} does not hold graph {old!r}: delete it and re-run "
+                               "`dvc repro compile-gen`")
+    return bytes(data)
+
+
+def graph_names(binary: Path) -> list[str]:
+    """The graph names a context binary holds, as written by the QNN EP or `name_graphs` (plain length-prefixed
+    strings that an EPContext wrapper beside it names)."""
+    data = binary.read_bytes()
+    names = []
+    for ctx in binary.parent.glob("*_ctx.onnx"):
+        if binary in context_binaries(ctx):
+            names += [n.name for n in onnx.load(ctx, load_external_data=False).graph.node if n.op_type == "EPContext"]
+    return sorted({n for n in names if struct.pack("<I", len(n)) + n.encode() + b"\0" in data})
+
+
 def _remove_context(ctx_model: Path) -> None:
     if ctx_model.is_file():
         for path in context_binaries(ctx_model):
@@ -206,6 +276,32 @@ def context_binaries(ctx_model: Path) -> list[Path]:
             if "ep_cache_context" in attrs and attrs.get("embed_mode") and attrs["embed_mode"].i == 0:
                 out.append(ctx_model.parent / attrs["ep_cache_context"].s.decode())
     return out
+
+
+def io_bytes(ctx_model: Path, types: dict[str, int] | None = None) -> int:
+    """Bytes one call of a context model moves between the host and the NPU graph: its inputs and outputs as the
+    wrapper declares them, or with the element sizes in `types` (name prefix -> bytes) where given."""
+    import numpy as np
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    model = onnx.load(ctx_model, load_external_data=False)
+    total = 0
+    for value in (*model.graph.input, *model.graph.output):
+        tensor = value.type.tensor_type
+        size = next((b for prefix, b in (types or {}).items() if value.name.startswith(prefix)),
+                    np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize)
+        total += size * int(np.prod([d.dim_value for d in tensor.shape.dim]))
+    return total
+
+
+def sdk_version(ctx_model: Path) -> str:
+    """The QNN SDK build a context model's binary was compiled with (its EPContext node's `ep_sdk_version`)."""
+    model = onnx.load(ctx_model, load_external_data=False)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "EPContext" and attr.name == "ep_sdk_version":
+                return attr.s.decode()
+    raise AntinetError(f"{ctx_model} records no QNN SDK version (ep_sdk_version): re-run `dvc repro compile-gen`")
 
 
 def nodes_outside_context(ctx_model: Path, boundary_is_compute: bool = False) -> tuple[int, list[tuple[str, str]]]:

@@ -363,7 +363,7 @@ def residual_nodes(src: Path) -> list[str]:
     model = onnx.load(src, load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
     embedded = {n.output[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights}
-    embedded |= {i.name for i in model.graph.input if i.name == "hidden_states"}  # a later part of a split model
+    embedded |= {i.name for i in model.graph.input if i.name.startswith("hidden_states")}  # a later part's input
     stream: set[str] = set()
     adds, readers = [], []
     for node in model.graph.node:  # ONNX nodes are stored in topological order

@@ -15,7 +15,8 @@ from antinet_npu.artifacts import METRICS, read_metrics
 
 LOCAL = "this machine"
 DEVICES = "devices"
-UNIT_OF = {"torch": "CPU", "ort-cpu": "CPU", "qnn-htp": "NPU", "qai-appbuilder": "NPU", "qnn-gpu": "GPU"}
+UNIT_OF = {"torch": "CPU", "ort-cpu": "CPU", "qnn-htp": "NPU", "qai-appbuilder": "NPU", "qnn-gpu": "GPU",
+           "genie": "NPU"}
 
 
 @dataclass
@@ -199,13 +200,15 @@ def generation_lines(model: str, root: Path = METRICS) -> list[str]:
     if not runs:
         return []
     evaluate, genai = read_metrics(root / "evaluate"), read_metrics(root / "export-genai")
-    npu = read_metrics(root / "compile-gen")
+    npu, bundles = read_metrics(root / "compile-gen"), read_metrics(root / "genie")
     lines = ["### Generation: prefill + decode (greedy, batch 1)", "",
              "| run | backend | precision | KV cache | P | G | TTFT ms | decode tokens/s | p50 ms/token | "
              "p90 ms/token | e2e ms | greedy = FP32 | peak RSS MB |", "|---" * 13 + "|"]
     for run, m, p, f in runs:
-        fid = {"ort-genai": genai, "ort-cpu": evaluate, "qnn-htp": npu}.get(m["backend"], {}).get(m["precision"])
-        agree = fid.get("gen_agreement") if fid and fid.get("model") == model else None
+        fid = {"ort-genai": genai, "ort-cpu": evaluate, "qnn-htp": npu, "genie": bundles}.get(m["backend"], {}).get(
+            m["precision"])
+        agree = fid.get("genie_fp32_agreement" if m["backend"] == "genie" else "gen_agreement") \
+            if fid and fid.get("model") == model else None
         backend = f"{m['backend']} (emulated)" if m.get("emulated") else m["backend"]
         lines.append(f"| {run} | {backend} | {m['precision']} | {'yes' if m.get('kv_cache') else 'no'} | {p} | "
                      f"{f['new_tokens']} | {f['ttft_ms']:.1f} | {f['decode_tokens_per_s']:.1f} | "
@@ -244,6 +247,18 @@ def npu_generation_lines(model: str, root: Path = METRICS) -> list[str]:
     lines += ["", "Shipped: one context binary per part holding its AR-N and AR-1 graphs over one copy of the weights. "
               "Verified: the same QDQ graphs compiled unshared (the x86_64 emulator cannot load a shared binary), "
               "teacher-forced against the FP32 parts on held-out windows and by greedy generation.", ""]
+    bundles = {k: m for k, m in read_metrics(root / "genie").items() if m.get("model") == model}
+    if bundles:
+        lines += ["### Genie bundles (genie)", "",
+                  "| precision | bundle MB | Genie API | QNN of the binaries | prompts × tokens | = our host loop | "
+                  "greedy = FP32 | gate | checked on |", "|---" * 9 + "|"]
+        for name, m in sorted(bundles.items()):
+            lines.append(f"| {name} | {m['bundle_mb']:.1f} | {m['genie_api_version']} | {m['qnn_sdk_version']} | "
+                         f"{m['gen_prompts']} × {m['gen_tokens']} | {_fmt(m['genie_host_agreement'], '.3f')} | "
+                         f"{_fmt(m['genie_fp32_agreement'], '.3f')} | {'passed' if m['gate_passed'] else 'MISSED'} | "
+                         f"{m['device']}{' (emulated, unshared binaries)' if m['emulated'] else ''} |")
+        lines += ["", "Genie, Qualcomm's LLM runtime, generating from the bundle's dialog config; '= our host loop': "
+                  "the share of its greedy tokens equal to our host loop's over the same binaries.", ""]
     return lines
 
 

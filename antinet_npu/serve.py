@@ -55,18 +55,28 @@ class ModelHost:
                 raise AntinetError(f"no prepared model at {snapshot}: run `dvc repro` first")
             self.tokenizer = checkpoint.load_tokenizer(snapshot)
             self.vocab_size = checkpoint.snapshot_config(snapshot)["vocab_size"]
-            backend, how = open_with_fallback(self.cfg, self.cfg.serve.run)
-            self.max_tokens = backend.seq_len or checkpoint.max_positions(checkpoint.snapshot_config(snapshot))
-            probe = np.zeros((1, backend.seq_len or 8), dtype=np.int64)
-            for _ in range(self.cfg.serve.warmup):
-                backend.run(probe)
+            if self.cfg.serve.run in self.cfg.bench.generation.runs:  # a generation run: its own backend, no fallback
+                backend, how = self._open_generation_run()
+            else:
+                backend, how = open_with_fallback(self.cfg, self.cfg.serve.run)
             self.backend = backend
-            try:
-                self.stepper = backend.stepper()
-                kv_cache = True
-            except AntinetError:  # a static single-pass graph: generate by re-running the padded prefix
-                self.stepper = generation.RecomputeStepper(self._run_padded, self.max_tokens)
-                kv_cache = False
+            kv_cache = True
+            if getattr(backend, "timed_generate", None) is not None:  # samples for itself (Genie): no logits
+                self.max_tokens = backend.context_length
+                for _ in range(self.cfg.serve.warmup):
+                    backend.timed_generate(np.zeros(8, np.int64), 2)
+            else:
+                self.max_tokens = backend.seq_len or getattr(backend, "context_length", None) or \
+                    checkpoint.max_positions(checkpoint.snapshot_config(snapshot))
+                probe = np.zeros((1, backend.seq_len or 8), dtype=np.int64)
+                for _ in range(self.cfg.serve.warmup):
+                    backend.run(probe)
+                try:
+                    self.stepper = backend.stepper()
+                    self.max_tokens = min(self.max_tokens, self.stepper.context_length)
+                except AntinetError:  # a static single-pass graph: generate by re-running the padded prefix
+                    self.stepper = generation.RecomputeStepper(self._run_padded, self.max_tokens)
+                    kv_cache = False
             self.eos_ids = tuple(i for i in (self.tokenizer.eos_token_id,) if i is not None)
             self.info.update(backend.describe(), **how, static_seq_len=backend.seq_len, max_tokens=self.max_tokens,
                              kv_cache=kv_cache, versions=versions())
@@ -76,6 +86,62 @@ class ModelHost:
         except Exception as exc:  # any failure must surface as 503 + reason, never kill the server
             self.status, self.error = "failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.error("loading failed: %s", self.error)
+
+    def _open_generation_run(self):
+        from antinet_npu import artifacts
+        from antinet_npu.backends import registry
+
+        spec = self.cfg.bench.generation.runs[self.cfg.serve.run]
+        cls = registry()[spec.backend]
+        reason = cls.unavailable_reason()
+        if reason:
+            raise AntinetError(f"{self.cfg.serve.run}: {reason}")
+        artifact = artifacts.MODELS / spec.model
+        if not artifact.exists():
+            raise AntinetError(f"{artifact} not found for {self.cfg.serve.run}: run `dvc repro` first")
+        backend = cls(self.cfg, self.cfg.bench.perf_mode)
+        backend.load(artifact)
+        return backend, {"requested_backend": spec.backend, "backend": spec.backend, "precision_run": spec.precision,
+                         "artifact": str(artifact), "fallback_reason": None}
+
+    @property
+    def samples_itself(self) -> bool:
+        """The runtime picks tokens with its own sampler (Genie: the bundle's, greedy); there are no logits here."""
+        return self.stepper is None
+
+    def _tokens(self, ids: list[int], max_new_tokens: int, sampling: generation.Sampling) -> Iterator[int]:
+        if not self.samples_itself:
+            yield from generation.generate(self.stepper, ids, max_new_tokens, self.eos_ids, sampling)
+            return
+        # Genie calls back from inside its query: run it in a thread, hand tokens over a queue; a consumer that
+        # stops early (stop string, disconnect) aborts the query and waits for it before the lock is released
+        import queue
+
+        tokens: queue.Queue = queue.Queue()
+        done = object()
+        failure: list[BaseException] = []
+
+        def produce():
+            try:
+                self.backend.dialog.generate(ids, max_new_tokens, on_token=tokens.put)
+            except BaseException as exc:  # reported to the consumer
+                failure.append(exc)
+            finally:
+                tokens.put(done)
+
+        worker = threading.Thread(target=produce, name="genie-query", daemon=True)
+        worker.start()
+        try:
+            while (token := tokens.get()) is not done:
+                if token in self.eos_ids:
+                    break
+                yield token
+            if failure:
+                raise failure[0]
+        finally:
+            if worker.is_alive():
+                self.backend.dialog.abort()
+                worker.join()
 
     def _run_padded(self, ids: np.ndarray) -> np.ndarray:
         """(1, n) ids -> logits (1, n, vocab) on a static graph of S >= n tokens: padded on the right; with a causal
@@ -117,7 +183,7 @@ class ModelHost:
         tokens: list[int] = []
         sent = ""
         with self.lock:
-            for token in generation.generate(self.stepper, ids, max_new_tokens, self.eos_ids, sampling):
+            for token in self._tokens(ids, max_new_tokens, sampling):
                 tokens.append(token)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 hits = [i for i in (text.find(s, max(len(sent) - len(s), 0)) for s in stop) if i >= 0]
@@ -168,6 +234,8 @@ def create_app(cfg: Config, host: ModelHost | None = None):
     @app.post("/api/infer")
     def infer(req: InferRequest) -> dict:
         require_ready()
+        if host.samples_itself:
+            raise AntinetError(f"{host.info['backend']} picks tokens itself and gives no logits: use /v1/completions")
         ids = list(req.token_ids) if req.token_ids is not None else host.prompt_ids(req.text)
         host.check_request(ids, req.max_new_tokens)
         start = time.perf_counter()
@@ -198,6 +266,9 @@ def create_app(cfg: Config, host: ModelHost | None = None):
     def openai_run(req, ids: list[int], chat: bool):
         """The OpenAI-shaped answer (one JSON body, or server-sent events when req.stream)."""
         host.check_request(ids, req.max_tokens)
+        if host.samples_itself and "temperature" in req.model_fields_set and req.temperature > 0:
+            raise AntinetError(f"{host.info['backend']} samples with its bundle's own sampler (greedy): send "
+                               "temperature 0 or leave it out")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         sampling = generation.Sampling(temperature=req.temperature, seed=req.seed)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"

@@ -8,7 +8,7 @@ and the longest context the model supports. `<artifact>.json` sits beside `<arti
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,14 @@ class KvLayout:
     def present_names(self) -> list[str]:
         return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
 
+    def part_shape(self, kind: str, length: int) -> tuple[int, ...]:
+        """A generation part's cache tensor (`static_llm`) of `length` positions: keys (kv_heads, 1, head_dim,
+        length), values (kv_heads, 1, length, head_dim), as AI Hub lays them out and Genie reads them (it takes the
+        cache length from the keys' last dimension)."""
+        if kind == "key":
+            return (self.kv_heads, 1, self.head_dim, length)
+        return (self.kv_heads, 1, length, self.head_dim)
+
     def empty(self, batch: int = 1) -> dict[str, np.ndarray]:
         """An empty past (length 0): the graph then runs one plain forward pass."""
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names()}
@@ -42,7 +50,11 @@ class KvLayout:
 @dataclass(frozen=True)
 class Part:
     """One graph's share of the model: decoder layers [first_layer, first_layer + num_layers), plus the embedding
-    (first part) and the final norm + lm_head (last part)."""
+    (first part) and the final norm + lm_head (last part).
+
+    Its I/O is Qualcomm AI Hub's and Genie's contract (see `static_llm`): the tensor between two parts carries one
+    name on both sides (`hidden_name`), as Genie connects parts by name, and each graph is named
+    `<prompt|token>_ar<AR>_cl<CL>_<i>_of_<n>` inside its context binary, as Genie orders parts by that name."""
 
     index: int
     count: int
@@ -61,35 +73,55 @@ class Part:
     def layers(self) -> range:
         return range(self.first_layer, self.first_layer + self.num_layers)
 
+    @staticmethod
+    def hidden_name(layer: int) -> str:
+        """The residual stream entering decoder layer `layer`: one part's output, the next part's input."""
+        return f"hidden_states_{layer}"
+
     def input_names(self) -> list[str]:
-        first = "input_ids" if self.embeds else "hidden_states"
-        return [first, "attention_mask", "position_cos", "position_sin",
+        first = "input_ids" if self.embeds else self.hidden_name(self.first_layer)
+        return [first, "attention_mask", "position_ids_cos", "position_ids_sin",
                 *(f"past_{kind}_{layer}_in" for layer in self.layers for kind in ("key", "value"))]
 
     def output_names(self) -> list[str]:
-        first = "logits" if self.head else "hidden_states_out"
+        first = "logits" if self.head else self.hidden_name(self.first_layer + self.num_layers)
         return [first, *(f"past_{kind}_{layer}_out" for layer in self.layers for kind in ("key", "value"))]
+
+    def graph_name(self, tokens: int, context_length: int) -> str:
+        """The name of this part's AR-`tokens` graph inside a context binary (AI Hub's, which Genie parses)."""
+        kind = "token" if tokens == 1 else "prompt"
+        return f"{kind}_ar{tokens}_cl{context_length}_{self.index + 1}_of_{self.count}"
 
 
 @dataclass(frozen=True)
 class Rope:
-    """Rotary tables on the host: cos/sin of position x inv_freq, halves repeated (Qwen2/Llama layout), scaled."""
+    """Rotary tables on the host: cos/sin of position x inv_freq (one value per rotated pair), scaled.
+
+    `theta`: the base b when the rotary is plain RoPE (inv_freq_i = b^(-2i/d), no scaling), the only kind Genie's
+    `rope-theta` describes; None for scaled kinds (linear, NTK, llama3)."""
 
     inv_freq: tuple[float, ...]
     scaling: float = 1.0
+    theta: float | None = None
 
     @classmethod
     def of(cls, model) -> Rope:
         """The tables of a transformers Qwen2/Llama model (its rotary module's inv_freq, with any scaling in it)."""
-        rotary = model.model.rotary_emb
-        return cls(tuple(float(f) for f in rotary.inv_freq), float(getattr(rotary, "attention_scaling", 1.0)))
+        rotary, config = model.model.rotary_emb, model.config
+        params = getattr(config, "rope_parameters", None) or {}
+        base = params.get("rope_theta", getattr(config, "rope_theta", None))
+        freqs = np.asarray(rotary.inv_freq, np.float64)
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        plain = params.get("rope_type", "default") == "default" and scaling == 1.0 and base is not None and \
+            np.allclose(freqs, float(base) ** (-np.arange(freqs.size) / freqs.size), rtol=1e-4)
+        return cls(tuple(float(f) for f in freqs), scaling, float(base) if plain else None)
 
     def tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(AR,) positions -> cos, sin of shape (1, AR, head_dim), float32."""
+        """(AR,) positions -> cos, sin of shape (1, 1, AR, head_dim / 2), float32, as the graphs take them
+        (`position_ids_cos` / `_sin`) and as Genie computes them from `rope-theta`."""
         angles = np.asarray(positions, np.float64)[:, None] * np.asarray(self.inv_freq, np.float64)[None]
-        angles = np.concatenate([angles, angles], axis=-1)
         cos, sin = np.cos(angles) * self.scaling, np.sin(angles) * self.scaling
-        return cos[None].astype(np.float32), sin[None].astype(np.float32)
+        return cos[None, None].astype(np.float32), sin[None, None].astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -128,7 +160,7 @@ class Signature:
                 value = data.pop(key, None)
                 data[key] = kind(**value) if value else None
             if data["rope"] is not None:
-                data["rope"] = Rope(tuple(data["rope"].inv_freq), data["rope"].scaling)
+                data["rope"] = replace(data["rope"], inv_freq=tuple(data["rope"].inv_freq))
             return cls(**{**data, "inputs": tuple(data["inputs"]), "outputs": tuple(data["outputs"])})
         except (ValueError, TypeError, KeyError) as exc:
             raise AntinetError(f"{path} is damaged ({exc}): delete it and re-run `dvc repro`") from None

@@ -4,15 +4,17 @@ HTP runs static shapes only, so generation takes two graphs per part of the mode
 AR-N (N prompt tokens per call) and AR-1 (one token), both over a fixed context CL. A part holds the embedding and/or
 a range of decoder layers and/or the final norm and lm_head, so that each graph stays under HTP's per-graph limit.
 
-Per call, a part takes: `input_ids` (1, AR) int64 (first part) or `hidden_states` (1, AR, hidden); an additive float
-mask (1, 1, AR, CL) over [CL - AR past slots | AR new slots]; the rotary tables `position_cos` / `position_sin`
-(1, AR, head_dim), computed on the host; per layer l of the part `past_key_{l}_in` / `past_value_{l}_in`
-(1, kv_heads, CL - AR, head_dim). It gives `logits` (1, AR, vocab) (last part) or `hidden_states_out`, and only the AR
-new entries `past_key_{l}_out` / `past_value_{l}_out` (1, kv_heads, AR, head_dim). The host keeps the cache, places it
-right-aligned in the past slots and marks the empty ones in the mask (`StaticStepper`).
+The graphs' I/O is AI Hub's, which is what Qualcomm's LLM runtime Genie runs (`genie`), so one contract serves the
+host loop here, the QNN EP, AppBuilder and Genie. Per call, a part takes `input_ids` (1, AR) int32 (first part) or
+the residual stream `hidden_states_<layer>` (1, AR, hidden), named alike on both sides of a cut; an additive float
+mask (1, 1, AR, CL) over [CL - AR past slots | AR new slots]; the rotary tables `position_ids_cos` / `_sin`
+(1, 1, AR, head_dim / 2); per layer l `past_key_{l}_in` (kv_heads, 1, head_dim, CL - AR), keys transposed, and
+`past_value_{l}_in` (kv_heads, 1, CL - AR, head_dim). It gives `logits` (1, AR, vocab) (last part) or the next
+part's `hidden_states_<layer>`, and only the AR new entries `past_key_{l}_out` (kv_heads, 1, head_dim, AR) /
+`past_value_{l}_out` (kv_heads, 1, AR, head_dim).
 
-Keys are stored like values, (heads, length, dim), not transposed as AI Hub stores them: the emulator here cannot
-time HTP, so there is no measurement to justify a second layout.
+The host loop (`StaticStepper`) fills the cache as Genie does: from slot 0, new tokens in the last AR slots, a short
+prompt chunk padded on the right, empty slots hidden by the mask.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ class StaticStepper:
     """Generation over static AR-N / AR-1 part graphs (`generation.Stepper`).
 
     `signatures`: the AR-N graphs' signatures, one per part in order. `prefill` / `decode`: one callable per part,
-    feeds -> outputs (in `Part.output_names` order), running the AR-N and the AR-1 graph. The prompt is left-padded
-    to a multiple of N and run N tokens per call; every new key/value of a real token is kept; a call sees the cache
-    right-aligned in its CL - AR past slots."""
+    feeds -> outputs (in `Part.output_names` order), running the AR-N and the AR-1 graph. The prompt runs N tokens
+    per call, its last chunk padded on the right; every new key/value of a real token is kept, and a call sees the
+    cache in its first past slots (Genie's layout)."""
 
     def __init__(self, signatures: Sequence[Signature], prefill: Sequence[Callable], decode: Sequence[Callable]):
         first = signatures[0]
@@ -64,8 +66,7 @@ class StaticStepper:
         self.parts = [s.part for s in signatures]
         self.prefill_len, self.context_length = first.seq_len, first.context_length
         self.graphs = {self.prefill_len: list(prefill), 1: list(decode)}
-        self.kv_heads, self.head_dim, self.rope = first.kv.kv_heads, first.kv.head_dim, first.rope
-        self.mask_value = first.mask_value
+        self.kv, self.rope, self.mask_value = first.kv, first.rope, first.mask_value
         self.keys: dict[int, np.ndarray] = {}
         self.values: dict[int, np.ndarray] = {}
         self.length = 0
@@ -81,14 +82,14 @@ class StaticStepper:
         if prompt.size + pad > self.context_length:
             raise AntinetError(f"a prompt of {prompt.size} tokens takes {prompt.size + pad} positions in AR-{ar} "
                                f"chunks; the context holds {self.context_length} (compile.generation.context_length)")
-        self.keys = {layer: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
-                     for p in self.parts for layer in p.layers}
-        self.values = {k: v.copy() for k, v in self.keys.items()}
+        layers = [layer for p in self.parts for layer in p.layers]
+        self.keys = {layer: np.zeros(self.kv.part_shape("key", 0), np.float32) for layer in layers}
+        self.values = {layer: np.zeros(self.kv.part_shape("value", 0), np.float32) for layer in layers}
         self.length = 0
-        padded = np.concatenate([np.zeros(pad, np.int64), prompt])
-        real = np.concatenate([np.zeros(pad, bool), np.ones(prompt.size, bool)])
+        padded = np.concatenate([prompt, np.zeros(pad, np.int64)])
+        real = np.concatenate([np.ones(prompt.size, bool), np.zeros(pad, bool)])
         chunks = [self._run(padded[i:i + ar], real[i:i + ar]) for i in range(0, padded.size, ar)]
-        return np.concatenate(chunks)[pad:]
+        return np.concatenate(chunks)[:prompt.size]
 
     def state(self) -> tuple:
         """The cache after the last call (its arrays are replaced, never written in place, so no copy is needed)."""
@@ -108,39 +109,43 @@ class StaticStepper:
         if self.length > past_len:
             raise AntinetError(f"{self.length} cached positions exceed the {past_len} past slots of the AR-{ar} "
                                f"graph (context {self.context_length}): shorten the prompt or max_new_tokens")
-        positions = self.length + np.cumsum(real) - 1
-        cos, sin = self.rope.tables(np.maximum(positions, 0))
-        feeds = {"attention_mask": self._mask(real, past_len), "position_cos": cos, "position_sin": sin}
-        x = ids[None]
+        cos, sin = self.rope.tables(self.length + np.arange(ar))
+        feeds = {"attention_mask": self._mask(real, past_len), "position_ids_cos": cos, "position_ids_sin": sin}
+        x = ids.astype(np.int32)[None]
         for part, graph in zip(self.parts, self.graphs[ar]):
-            part_feeds = {("input_ids" if part.embeds else "hidden_states"): x, **feeds}
+            part_feeds = {part.input_names()[0]: x, **feeds}
             for layer in part.layers:
-                part_feeds[f"past_key_{layer}_in"] = self._slots(self.keys[layer], past_len)
-                part_feeds[f"past_value_{layer}_in"] = self._slots(self.values[layer], past_len)
+                part_feeds[f"past_key_{layer}_in"] = self._slots(self.keys[layer], "key", past_len)
+                part_feeds[f"past_value_{layer}_in"] = self._slots(self.values[layer], "value", past_len)
             out = dict(zip(part.output_names(), graph(part_feeds)))
-            x = out["logits" if part.head else "hidden_states_out"]
+            x = out[part.output_names()[0]]
             for layer in part.layers:  # keep the real tokens' new entries
-                self.keys[layer] = np.concatenate([self.keys[layer], out[f"past_key_{layer}_out"][:, :, real]], 2)
+                self.keys[layer] = np.concatenate([self.keys[layer], out[f"past_key_{layer}_out"][..., real]], -1)
                 self.values[layer] = np.concatenate([self.values[layer], out[f"past_value_{layer}_out"][:, :, real]],
                                                     2)
         self.length += int(real.sum())
         return np.asarray(x[0], np.float32)
 
-    def _slots(self, cache: np.ndarray, past_len: int) -> np.ndarray:
-        slots = np.zeros((1, self.kv_heads, past_len, self.head_dim), np.float32)
-        if self.length:
-            slots[:, :, past_len - self.length:] = cache
+    def _slots(self, cache: np.ndarray, kind: str, past_len: int) -> np.ndarray:
+        slots = np.zeros(self.kv.part_shape(kind, past_len), np.float32)
+        filled = _past_slice(kind, self.length)
+        slots[filled] = cache
         return slots
 
     def _mask(self, real: np.ndarray, past_len: int) -> np.ndarray:
         """(1, 1, AR, CL): a query sees the filled past slots, and the new real tokens up to itself."""
         ar = real.size
         mask = np.full((ar, past_len + ar), self.mask_value, np.float32)
-        mask[:, past_len - self.length:past_len] = 0.0
+        mask[:, :self.length] = 0.0
         visible = np.tril(np.ones((ar, ar), bool)) & real[None, :]
         visible |= np.eye(ar, dtype=bool)  # a padding row sees itself: no row is all masked (its output is dropped)
         mask[:, past_len:][visible] = 0.0
         return mask[None, None]
+
+
+def _past_slice(kind: str, length: int) -> tuple:
+    """The first `length` slots of a part's cache tensor: the keys' last axis, the values' third."""
+    return (..., slice(0, length)) if kind == "key" else (slice(None), slice(None), slice(0, length))
 
 
 @dataclass
@@ -156,20 +161,28 @@ class Trace:
     def of(cls, feeds: dict[str, np.ndarray]) -> Trace:
         mask = feeds["attention_mask"]
         past_len = mask.shape[-1] - mask.shape[-2]
-        filled = int((mask[0, 0, 0, :past_len] == 0).sum())  # the first query sees every filled (right-aligned) slot
-        return cls({k: v[:, :, past_len - filled:].copy() if _is_past(k) else v for k, v in feeds.items()}, past_len)
+        filled = int((mask[0, 0, 0, :past_len] == 0).sum())  # the first query sees every filled slot (the first ones)
+        return cls({k: v[_past_slice(_past_kind(k), filled)].copy() if _past_kind(k) else v
+                    for k, v in feeds.items()}, past_len)
 
     def full(self) -> dict[str, np.ndarray]:
         out = dict(self.feeds)
         for name, kept in self.feeds.items():
-            if _is_past(name):
-                out[name] = np.zeros((*kept.shape[:2], self.past_len, kept.shape[3]), kept.dtype)
-                out[name][:, :, self.past_len - kept.shape[2]:] = kept
+            kind = _past_kind(name)
+            if kind:
+                filled = kept.shape[-1] if kind == "key" else kept.shape[2]
+                shape = (*kept.shape[:3], self.past_len) if kind == "key" else (*kept.shape[:2], self.past_len,
+                                                                                  kept.shape[3])
+                out[name] = np.zeros(shape, kept.dtype)
+                out[name][_past_slice(kind, filled)] = kept
         return out
 
 
-def _is_past(name: str) -> bool:
-    return name.startswith("past_") and name.endswith("_in")
+def _past_kind(name: str) -> str | None:
+    """"key" / "value" for a past cache input (`past_key_3_in`), None for any other input."""
+    if name.startswith("past_") and name.endswith("_in"):
+        return name.split("_")[1]
+    return None
 
 
 class SessionCache:

@@ -60,11 +60,15 @@ class GenerationTracker:
             logits = stepper.decode(out[-1])
             out.append(int(np.argmax(logits)))
             steps.append((clock() - before) / 1e6)
-        self.ttft_ms.append(ttft)
-        self.decode_ms.extend(steps)
-        self.e2e_ms.append((clock() - start) / 1e6)
-        self.tokens.append(len(out))
+        self.add(out, ttft, steps, (clock() - start) / 1e6)
         return out
+
+    def add(self, tokens: list[int], ttft_ms: float, decode_ms: list[float], e2e_ms: float) -> None:
+        """One generation timed elsewhere (a runtime that samples for itself: its tokens' arrival times)."""
+        self.ttft_ms.append(ttft_ms)
+        self.decode_ms.extend(decode_ms)
+        self.e2e_ms.append(e2e_ms)
+        self.tokens.append(len(tokens))
 
     def stats(self) -> dict[str, float]:
         decode = np.asarray(self.decode_ms, dtype=np.float64)

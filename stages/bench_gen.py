@@ -45,19 +45,24 @@ def run(cfg: Config, run: str) -> dict:
     load_seconds = time.perf_counter() - start
     results = {}
     try:
-        stepper = backend.stepper()
-        if not spec.cache:
+        # a backend that samples for itself (Genie) times its own generations; the others hand out a stepper
+        timed = getattr(backend, "timed_generate", None)
+        stepper = None if timed else backend.stepper()
+        if stepper is not None and not spec.cache:
             stepper = generation.RecomputeStepper(backend.run, stepper.context_length)
+        context_length = stepper.context_length if stepper is not None else backend.context_length
         described = backend.describe()
         for p, prompt in prompts.items():
-            generation.check_request(p, new_tokens, stepper.context_length)
+            generation.check_request(p, new_tokens, context_length)
             log.info("%s on %s, P=%d, G=%d%s: %d warm-up + %d timed generations", run, described["backend"], p,
                      new_tokens, "" if spec.cache else " (no KV cache)", gc_.warmup, gc_.iterations)
-            for _ in range(gc_.warmup):
-                GenerationTracker().generate(stepper, prompt, new_tokens)
             tracker = GenerationTracker()
-            for _ in range(gc_.iterations):
-                tracker.generate(stepper, prompt, new_tokens)
+            for i in range(gc_.warmup + gc_.iterations):
+                into = tracker if i >= gc_.warmup else GenerationTracker()
+                if timed:
+                    into.add(*timed(prompt, new_tokens))
+                else:
+                    into.generate(stepper, prompt, new_tokens)
             results[f"p{p}"] = tracker.stats()
             log.info("%s P=%d: TTFT %.1f ms, decode %.2f tokens/s (p50 %.2f ms, p90 %.2f ms per token), e2e %.0f ms",
                      run, p, results[f"p{p}"]["ttft_ms"], results[f"p{p}"]["decode_tokens_per_s"],

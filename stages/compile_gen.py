@@ -93,7 +93,9 @@ def run(cfg: Config, precision: str) -> dict:
                 ctx = artifacts.qnn_gen_ctx(tmp, ar, i, verify=True)
                 qnn.compile_context(qdq, ctx, cfg.target, cc.allow_cpu_fallback)
                 part["cpu_compute_nodes"] += len(qnn.nodes_outside_context(ctx)[1])
-                Signature.read(fp32[ar][i]).write(ctx)
+                signature = Signature.read(fp32[ar][i])
+                qnn.name_graphs({ctx: signature.part.graph_name(ar, gen.context_length)})
+                signature.write(ctx)
                 part["compile_seconds"] += time.perf_counter() - t
             unshared = sum(b.stat().st_size for ar in (n, 1)
                            for b in qnn.context_binaries(artifacts.qnn_gen_ctx(tmp, ar, i, verify=True)))
@@ -104,6 +106,8 @@ def run(cfg: Config, precision: str) -> dict:
             else:
                 for ar, ctx in zip((n, 1), shipped):
                     qnn.compile_context(artifacts.qnn_gen_qdq(tmp, ar, i), ctx, cfg.target, cc.allow_cpu_fallback)
+            qnn.name_graphs({ctx: Signature.read(fp32[ar][i]).part.graph_name(ar, gen.context_length)
+                             for ar, ctx in zip((n, 1), shipped)})
             for k, (ar, ctx) in enumerate(zip((n, 1), shipped)):  # graph k of the part's binary: compile order
                 replace(Signature.read(fp32[ar][i]), context_graph=k if gen.share else 0).write(ctx)
             bins = sorted({b for ctx in shipped for b in qnn.context_binaries(ctx)})
@@ -135,8 +139,22 @@ def run(cfg: Config, precision: str) -> dict:
             meter.add(reference.score(window)[None], logits[None], window[None])
         expected = [list(generation.generate(reference, p, gen.verify_new_tokens)) for p in prompts]
         got = answers[len(held_out):]
+        # what Genie's verification (stage genie) compares with: the same prompts through the FP32 parts and
+        # through our host loop over these binaries
+        artifacts.write_json(artifacts.qnn_gen_greedy(tmp), {
+            "new_tokens": gen.verify_new_tokens, "prompts": [p.tolist() for p in prompts],
+            "fp32": expected, "host": [list(map(int, g)) for g in got]})
         del reference, answers
         result = meter.result()
+        # I/O per call as built (float32 at the graph edges) and in the quantized form AI Hub's graphs take
+        # (activation type everywhere, kv_type for the cache, int32 ids): what a device moves per step
+        width = {"QUInt8": 1, "QInt8": 1, "QUInt16": 2, "QInt16": 2}
+        quantized = {"input_ids": 4, "past_": width[recipe.kv_type or recipe.activation_type],
+                     "": width[recipe.activation_type]}
+        io = {f"io_mb_per_{what}{suffix}": round(sum(qnn.io_bytes(artifacts.qnn_gen_ctx(tmp, ar, i, verify=True),
+                                                                   types) for i in range(gen.parts)) / 1e6, 3)
+              for what, ar in (("decode_step", 1), ("prefill_call", n)) for suffix, types in (("", None),
+                                                                                            ("_quantized", quantized))}
         agreement = fidelity.generation_agreement(expected, got) if prompts.size else {}
         violations = fidelity.gate_violations(f"{precision} generation", result, cc.gate(precision))
         metrics = record(
@@ -149,7 +167,7 @@ def run(cfg: Config, precision: str) -> dict:
                                                              for x in nodes.get(g, [])]),
             shared=gen.share, verified_binaries="unshared (verify/): the emulator cannot load a shared binary",
             shipped_binaries="shared: one per part, AR-N and AR-1" if gen.share else "unshared",
-            parts=parts_metrics, bin_mb=round(sum(p["bin_mb"] for p in parts_metrics.values()), 3),
+            parts=parts_metrics, bin_mb=round(sum(p["bin_mb"] for p in parts_metrics.values()), 3), **io,
             cpu_compute_nodes=sum(p["cpu_compute_nodes"] for p in parts_metrics.values()),
             calib_prompts=len(calib), samples=len(held_out), window_len=int(held_out.shape[1]), **result,
             **agreement, gen_prompts=len(prompts), gen_tokens=gen.verify_new_tokens,

@@ -75,7 +75,7 @@ def test_generation_runs_must_be_backends_that_can_generate():
     from antinet_npu.config import GenerationBenchConfig, GenRunConfig
 
     runs = {"qnn-gpu-fp32": GenRunConfig(backend="qnn-gpu", precision="fp32", model="m", weights="w")}
-    with pytest.raises(AntinetError, match="cannot generate: use ort-cpu, torch, ort-genai or qnn-htp"):
+    with pytest.raises(AntinetError, match="cannot generate: use ort-cpu, torch, ort-genai, qnn-htp .* or genie"):
         GenerationBenchConfig(runs=runs).check()
     runs = {"ort-cpu-fp32": GenRunConfig(backend="ort-cpu", precision="fp32", model="m", weights="w", cache=False)}
     with pytest.raises(AntinetError, match="must be named ort-cpu-fp32-nocache"):

@@ -53,7 +53,7 @@ def test_stage_checks_the_parts_against_pytorch_greedy(pipeline):
     assert m["parts"]["part1"]["weights_mb"] == round((folder / "part1.onnx.data").stat().st_size / 1e6, 3)
     signature = Signature.read(folder / "ar32-part1.onnx")
     assert signature.seq_len == 32 and signature.context_length == 256 and signature.part.head
-    assert signature.inputs[:4] == ("hidden_states", "attention_mask", "position_cos", "position_sin")
+    assert signature.inputs[:4] == ("hidden_states_2", "attention_mask", "position_ids_cos", "position_ids_sin")
 
 
 @pytest.mark.slow
@@ -178,7 +178,7 @@ def test_appbuilder_generates_from_the_shared_binaries(pipeline, monkeypatch):
             ar = (32, 1)[graphIndex]
             calls.append(("Inference", self.part, graphIndex, input[0].dtype))
             signature = Signature.read(fp32[ar][self.part])
-            feeds = {n: (x.astype(np.int64) if n == "input_ids" else x) for n, x in zip(signature.inputs, input)}
+            feeds = {n: (x.astype(np.int32) if n == "input_ids" else x) for n, x in zip(signature.inputs, input)}
             return [y.reshape(-1) for y in sessions[ar, self.part].run(None, feeds)]
 
     fake = _FakeAppBuilder(None)
@@ -204,14 +204,17 @@ def test_calibration_traces_keep_only_the_filled_slots(filled):
     rng = np.random.default_rng(0)
     past_len, ar = 10, 2
     mask = np.full((1, 1, ar, past_len + ar), -100.0, np.float32)
-    mask[:, :, :, past_len - filled:past_len] = 0.0  # what StaticStepper._mask gives: the filled slots, right-aligned
+    mask[:, :, :, :filled] = 0.0  # what StaticStepper._mask gives: the filled slots first (Genie's layout)
     mask[:, :, :, past_len:] = np.where(np.tril(np.ones((ar, ar), bool)), 0.0, -100.0)
-    past = np.zeros((1, 2, past_len, 4), np.float32)
-    past[:, :, past_len - filled:] = rng.standard_normal((1, 2, filled, 4))
-    feeds = {"hidden_states": rng.standard_normal((1, ar, 8)).astype(np.float32), "attention_mask": mask,
-             "past_key_0_in": past, "past_value_0_in": past * 2}
+    keys = np.zeros((2, 1, 4, past_len), np.float32)  # (kv_heads, 1, head_dim, past): keys transposed
+    keys[..., :filled] = rng.standard_normal((2, 1, 4, filled))
+    values = np.zeros((2, 1, past_len, 4), np.float32)
+    values[:, :, :filled] = rng.standard_normal((2, 1, filled, 4))
+    feeds = {"hidden_states_2": rng.standard_normal((1, ar, 8)).astype(np.float32), "attention_mask": mask,
+             "past_key_0_in": keys, "past_value_0_in": values}
     trace = static_llm.Trace.of(feeds)
-    assert trace.feeds["past_key_0_in"].shape == (1, 2, filled, 4)
+    assert trace.feeds["past_key_0_in"].shape == (2, 1, 4, filled)
+    assert trace.feeds["past_value_0_in"].shape == (2, 1, filled, 4)
     full = trace.full()
     assert full.keys() == feeds.keys() and all(np.array_equal(full[k], v) for k, v in feeds.items())
 

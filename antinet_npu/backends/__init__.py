@@ -74,13 +74,14 @@ class Backend(ABC):
 
 def registry() -> dict[str, type[Backend]]:
     from antinet_npu.backends.appbuilder import AppBuilderBackend
+    from antinet_npu.backends.genie import GenieBackend
     from antinet_npu.backends.ort_cpu import OrtCpuBackend
     from antinet_npu.backends.ort_genai import OrtGenaiBackend
     from antinet_npu.backends.qnn_ep import QnnGpuBackend, QnnHtpBackend
     from antinet_npu.backends.torch_eager import TorchBackend
 
     return {b.name: b for b in (TorchBackend, OrtCpuBackend, QnnHtpBackend, QnnGpuBackend, AppBuilderBackend,
-                                OrtGenaiBackend)}
+                                OrtGenaiBackend, GenieBackend)}
 
 
 NPU_BACKENDS = ("qai-appbuilder", "qnn-htp")

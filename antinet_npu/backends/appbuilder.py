@@ -95,8 +95,10 @@ class AppBuilderBackend(Backend):
             def run(feeds):
                 flat = context.Inference([np.asarray(feeds[n], np.float32) for n in signature.inputs],
                                          graphIndex=signature.context_graph)
+                kinds = [name.split("_")[1] for name in signature.outputs[1:]]  # past_key_3_out -> key
                 return [np.asarray(flat[0], np.float32).reshape(1, ar, -1),
-                        *(np.asarray(x, np.float32).reshape(1, kv.kv_heads, ar, kv.head_dim) for x in flat[1:])]
+                        *(np.asarray(x, np.float32).reshape(kv.part_shape(kind, ar))
+                          for x, kind in zip(flat[1:], kinds))]
             return run
 
         prefill_len = max(graphs)

@@ -17,7 +17,14 @@ from omegaconf import errors as oc_errors
 
 from antinet_npu import AntinetError
 from antinet_npu.config.model import BUILTIN_PREFIX, BuiltinModelConfig, ExportConfig, ModelConfig, TextConfig
-from antinet_npu.config.npu import HTP_PERF_MODES, CompileConfig, GenerationGraphsConfig, QdqRecipeConfig, TargetConfig
+from antinet_npu.config.npu import (
+    HTP_PERF_MODES,
+    CompileConfig,
+    GenerationGraphsConfig,
+    GenieConfig,
+    QdqRecipeConfig,
+    TargetConfig,
+)
 from antinet_npu.config.recipes import (
     REFERENCE,
     EvaluateConfig,
@@ -42,10 +49,10 @@ from antinet_npu.config.schema import require
 
 __all__ = ["BACKENDS", "BUILTIN_PREFIX", "CONF_DIR", "GENAI_PRECISIONS", "HTP_PERF_MODES", "PARAMS_FILE", "REFERENCE",
            "BenchConfig", "BenchRunConfig", "BuiltinModelConfig", "CompileConfig", "Config", "EvaluateConfig",
-           "ExportConfig", "GateConfig", "GenRunConfig", "GenerationBenchConfig", "GenerationGraphsConfig",
-           "MixedConfig", "ModelConfig", "ProbeConfig", "QdqRecipeConfig", "QuantizeConfig", "RecipeConfig",
-           "SensitivityConfig", "ServeConfig", "SmoothConfig", "TargetConfig", "TextConfig", "compose", "load",
-           "to_yaml", "validate"]
+           "ExportConfig", "GateConfig", "GenieConfig", "GenRunConfig", "GenerationBenchConfig",
+           "GenerationGraphsConfig", "MixedConfig", "ModelConfig", "ProbeConfig", "QdqRecipeConfig", "QuantizeConfig",
+           "RecipeConfig", "SensitivityConfig", "ServeConfig", "SmoothConfig", "TargetConfig", "TextConfig", "compose",
+           "load", "to_yaml", "validate"]
 
 CONF_DIR = "conf"
 PARAMS_FILE = "params.yaml"
@@ -60,6 +67,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    genie: GenieConfig = field(default_factory=GenieConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
@@ -71,8 +79,9 @@ class Config:
             require(recipe.mixed is None or recipe.mixed.probe in self.sensitivity.probes,
                      f"{where}.mixed.probe {getattr(recipe.mixed, 'probe', '')!r} is not a key of sensitivity.probes "
                      f"(valid: {', '.join(self.sensitivity.probes) or 'none'})")
-        require(self.serve.run in self.bench.runs,
-                 f"serve.run {self.serve.run!r} is not a key of bench.runs: choose one of {', '.join(self.bench.runs)}")
+        runs = [*self.bench.runs, *self.bench.generation.runs]
+        require(self.serve.run in runs, f"serve.run {self.serve.run!r} is not a key of bench.runs or "
+                 f"bench.generation.runs: choose one of {', '.join(runs)}")
 
 
 def load(params: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Config:

@@ -10,7 +10,8 @@ from omegaconf import MISSING
 from antinet_npu.config.npu import HTP_PERF_MODES
 from antinet_npu.config.schema import doc, require
 
-BACKENDS = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder", "ort-genai")
+BACKENDS = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder", "ort-genai", "genie")
+GENERATION_ONLY = ("ort-genai", "genie")  # they sample for themselves or are benchmarked on generation only
 GENAI_PRECISIONS = ("int4", "int8", "fp16", "fp32")
 
 
@@ -29,7 +30,7 @@ class BenchRunConfig:
 class GenRunConfig:
     """One generation benchmark: a backend generating from one artifact (key: <backend>-<precision>[-nocache])."""
 
-    backend: str = field(default=MISSING, metadata=doc("ort-cpu | torch | ort-genai"))
+    backend: str = field(default=MISSING, metadata=doc("ort-cpu | torch | ort-genai | qnn-htp | genie"))
     precision: str = field(default=MISSING)
     model: str = field(default=MISSING, metadata=doc("artifact under models/ that the backend loads"))
     weights: str = field(default=MISSING, metadata=doc("its weights under models/ (so DVC sees changes)"))
@@ -61,9 +62,9 @@ class GenerationBenchConfig:
             require(p in GENAI_PRECISIONS, f"bench.generation.genai_precisions: {p!r} is not one of "
                      f"{', '.join(GENAI_PRECISIONS)}")
         for key, run in self.runs.items():
-            require(run.backend in ("ort-cpu", "torch", "ort-genai", "qnn-htp"),
+            require(run.backend in ("ort-cpu", "torch", "ort-genai", "qnn-htp", "genie"),
                      f"bench.generation.runs.{key}: backend {run.backend!r} cannot generate: use ort-cpu, torch, "
-                     "ort-genai or qnn-htp (the compile-gen parts)")
+                     "ort-genai, qnn-htp (the compile-gen parts) or genie (the Genie bundle)")
             require(run.new_tokens is None or run.new_tokens > 1,
                      f"bench.generation.runs.{key}.new_tokens must be > 1 or null, got {run.new_tokens}")
             expected = f"{run.backend}-{run.precision}" + ("" if run.cache else "-nocache")
@@ -95,9 +96,9 @@ class BenchConfig:
             require(name in BACKENDS, f"unknown backend {name!r} in bench.fallback: choose from {', '.join(BACKENDS)}")
         self.generation.check()
         for key, run in self.runs.items():
-            require(run.backend in BACKENDS and run.backend != "ort-genai",
-                     f"bench.runs.{key}: unknown backend {run.backend!r}: choose one of "
-                     f"{', '.join(b for b in BACKENDS if b != 'ort-genai')}")
+            single_pass = [b for b in BACKENDS if b not in GENERATION_ONLY]
+            require(run.backend in single_pass, f"bench.runs.{key}: unknown backend {run.backend!r} for single "
+                     f"passes: choose one of {', '.join(single_pass)}")
             require(key == f"{run.backend}-{run.precision}-{run.seq_len}",
                      f"bench.runs.{key} must be named {run.backend}-{run.precision}-{run.seq_len}")
 
@@ -105,7 +106,8 @@ class BenchConfig:
 @dataclass
 class ServeConfig:
     run: str = field(default="ort-cpu-int8-block-128",
-                     metadata=doc("a key of bench.runs: the artifact and backend to serve (fallback chain applies)"))
+                     metadata=doc("a key of bench.runs (fallback chain applies) or of bench.generation.runs (e.g. "
+                                  "genie-w8a16): the artifact and backend to serve"))
     host: str = "127.0.0.1"
     port: int = 8000
     warmup: int = field(default=3, metadata=doc("forward passes after loading, before the model is ready"))
