@@ -14,6 +14,7 @@ graphs (`compile-gen`'s verify/).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -90,9 +91,13 @@ class GenieBundle:
     tokenizer: BundleFile | None = None
 
     def dialog_config(self, ctx_bins: Sequence[str], *, tokenizer: str = TOKENIZER, extensions: str = HTP_CONFIG,
-                      use_mmap: bool = True, n_threads: int = 3) -> dict:
+                      use_mmap: bool = True, n_threads: int = 3, graph_switching: bool = False) -> dict:
         """genie_config.json: a basic dialog, greedy (top-k 1), over `ctx_bins` (paths as Genie should open them:
-        relative to where genie-t2t-run starts, in the shipped file)."""
+        relative to where genie-t2t-run starts, in the shipped file). `graph_switching`: Genie keeps one AR variant's
+        graphs loaded at a time (its enable-graph-switching), for a process that cannot hold both at once."""
+        htp = {"version": 1, "use-mmap": use_mmap, "spill-fill-bufsize": 0, "mmap-budget": 0, "poll": True,
+               "cpu-mask": "0xe0", "kv-dim": self.kv_dim, "pos-id-dim": self.kv_dim // 2, "allow-async-init": False,
+               "rope-theta": self.rope_theta, **({"enable-graph-switching": True} if graph_switching else {})}
         return {"dialog": {
             "version": 1, "type": "basic",
             "context": {"version": 1, "size": self.context_length, "n-vocab": self.n_vocab,
@@ -102,11 +107,7 @@ class GenieBundle:
             "tokenizer": {"version": 1, "path": tokenizer},
             "engine": {
                 "version": 1, "n-threads": n_threads,
-                "backend": {"version": 1, "type": "QnnHtp", "extensions": extensions,
-                            "QnnHtp": {"version": 1, "use-mmap": use_mmap, "spill-fill-bufsize": 0,
-                                       "mmap-budget": 0, "poll": True, "cpu-mask": "0xe0", "kv-dim": self.kv_dim,
-                                       "pos-id-dim": self.kv_dim // 2, "allow-async-init": False,
-                                       "rope-theta": self.rope_theta}},
+                "backend": {"version": 1, "type": "QnnHtp", "extensions": extensions, "QnnHtp": htp},
                 "model": {"version": 1, "type": "binary", "binary": {"version": 1, "ctx-bins": list(ctx_bins)}},
             }}}
 
@@ -263,6 +264,33 @@ class _Library:
         return f"{lib.Genie_getApiMajorVersion()}.{lib.Genie_getApiMinorVersion()}.{lib.Genie_getApiPatchVersion()}"
 
 
+@contextlib.contextmanager
+def _native_output(into: list[str]):
+    """Collect what the process's native code writes to stdout/stderr meanwhile (lines kept as 'out:<line>' and
+    logged at DEBUG), instead of letting it through unmarked."""
+    import os
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    into.append(f"out:{line.strip()}")
+                    log.debug("genie: %s", line.strip())
+
+
 def api_version() -> str:
     """The Genie API version of the runtime (libGenie)."""
     return _Library.get().version()
@@ -294,7 +322,9 @@ class Dialog:
                     "read the dialog config")
         self._check(lib.GenieDialogConfig_bindLogger(self._config, self._log), "bind its log")
         start = time.perf_counter()
-        self._check(lib.GenieDialog_create(self._config, ctypes.byref(self.handle)), "create the dialog")
+        with _native_output(self.log_lines):  # model validation errors are printed, not logged, by Genie
+            status = lib.GenieDialog_create(self._config, ctypes.byref(self.handle))
+        self._check(status, "create the dialog")
         self.load_seconds = time.perf_counter() - start
 
     def _on_log(self, _handle, fmt, level, _timestamp, args) -> None:
@@ -305,7 +335,11 @@ class Dialog:
         log.log(logging.ERROR if level == 1 else logging.WARNING if level == 2 else logging.DEBUG, "genie: %s", line)
 
     def errors(self) -> list[str]:
-        return [line.split(":", 1)[1] for line in self.log_lines if line.startswith("1:")]
+        """Genie's error lines: logged at level 1, or printed with an [ERROR] mark (first printed one first: the
+        lines after it explain less)."""
+        printed = [line.split(":", 1)[1] for line in self.log_lines if line.startswith("out:") and "[ERROR]" in line
+                   and "Note:" not in line and "dump-specs" not in line]
+        return [line.split(":", 1)[1] for line in self.log_lines if line.startswith("1:")] + printed[:1]
 
     def _check(self, status: int, what: str) -> None:
         if status < 0:

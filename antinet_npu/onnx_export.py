@@ -101,16 +101,22 @@ def compact_attention(self, hidden_states, position_embeddings, attention_mask, 
     else:  # plain ops from the host's or the model's cos/sin (the NPU graphs)
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(k, v, self.layer_idx)
-    # a cache that keeps keys transposed (the NPU parts) hands them back as (batch, kv head, dim, total)
-    keys_t = k if getattr(cache, "keys_transposed", False) else k.transpose(2, 3)
-    grouped = _Reshape.apply(q, (0, kv_heads, -1, dim))  # (batch, kv head, rep x new, dim): head i uses i // rep
+    if getattr(cache, "kv_major", False):
+        # the NPU parts' cache (batch 1): kv heads lead, keys transposed, (kv, 1, dim, total) and (kv, 1, total,
+        # dim), so the past graph inputs go straight into the Concat and never through a layout op
+        keys_t, v = cache.update(k, v, self.layer_idx)
+        grouped, merged = _Reshape.apply(q, (kv_heads, 1, -1, dim)), (1, heads, -1, dim)
+    else:
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        keys_t = k.transpose(2, 3)
+        grouped, merged = _Reshape.apply(q, (0, kv_heads, -1, dim)), (0, heads, -1, dim)
+    # grouped: (batch or kv head, ..., rep x new, dim): query head i uses kv head i // rep
     weights = torch.matmul(grouped, keys_t) * self.scaling
     if attention_mask is not None:  # (batch, 1, new, total), the same for each of the rep query heads
         weights = weights + attention_mask.repeat(1, 1, rep, 1)
     weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = _Reshape.apply(torch.matmul(weights, v), (0, heads, -1, dim)).transpose(1, 2)
+    out = _Reshape.apply(torch.matmul(weights, v), merged).transpose(1, 2)
     return self.o_proj(_Reshape.apply(out, (0, -1, heads * dim))), None
 
 
@@ -169,19 +175,21 @@ def export_dynamic(model: torch.nn.Module, out: Path, opset: int, context_length
 class _PartCache:
     """The cache protocol `compact_attention` calls, over the parts' KV layout (AI Hub's): past keys come in as
     (kv_heads, 1, head_dim, past) and values as (kv_heads, 1, past, head_dim); the layer's new entries are kept in the
-    same layouts (the graph's outputs). Keys stay transposed through attention, so the past is never transposed."""
+    same layouts (the graph's outputs) and appended. Attention runs in that layout (`kv_major`): no op ever touches
+    the past but the Concat, so a quantized past stays quantized from the graph input on."""
 
-    keys_transposed = True
+    kv_major = True
 
-    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.past, self.new = past, {}
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]], layout: KvLayout):
+        self.past, self.new, self.layout = past, {}, layout
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         past_key, past_value = self.past[layer_idx]
-        key_t = key.transpose(2, 3)  # (1, kv_heads, head_dim, new)
-        self.new[layer_idx] = (key_t.transpose(0, 1), value.transpose(0, 1))
-        return torch.cat([past_key.transpose(0, 1), key_t], dim=-1), torch.cat([past_value.transpose(0, 1), value],
-                                                                                dim=-2)
+        kv_heads, dim = self.layout.kv_heads, self.layout.head_dim  # constants: the graph's shapes are static
+        key_t = _Reshape.apply(key.transpose(2, 3), (kv_heads, 1, dim, -1))  # (1, kv, dim, new) -> (kv, 1, dim, new)
+        value = _Reshape.apply(value, (kv_heads, 1, -1, dim))
+        self.new[layer_idx] = (key_t, value)
+        return torch.cat([past_key, key_t], dim=-1), torch.cat([past_value, value], dim=-2)
 
 
 class DecoderPart(torch.nn.Module):
@@ -196,7 +204,8 @@ class DecoderPart(torch.nn.Module):
         inner, part = self.model.model, self.part
         hidden = inner.embed_tokens(x) if part.embeds else x
         cos, sin = (torch.cat([t, t], dim=-1)[:, 0] for t in (cos, sin))  # (1, AR, head_dim), halves repeated
-        cache = _PartCache({layer: (past[2 * i], past[2 * i + 1]) for i, layer in enumerate(part.layers)})
+        cache = _PartCache({layer: (past[2 * i], past[2 * i + 1]) for i, layer in enumerate(part.layers)},
+                           kv_layout(self.model.config))
         for layer in part.layers:
             hidden = inner.layers[layer](hidden, attention_mask=attention_mask, position_embeddings=(cos, sin),
                                          cache=cache)

@@ -306,12 +306,14 @@ def quantize(src: Path, recipe: RecipeConfig, out: Path, keep: list[str] | None 
     METHODS[recipe.method](src, recipe, out, list(keep or []), **extra)
 
 
-def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], keep: list[str] | None = None
-               ) -> onnx.ModelProto:
+def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], keep: list[str] | None = None,
+               ranges: dict[str, tuple[float, float]] | None = None) -> onnx.ModelProto:
     """Static QDQ for QNN: activation/weight types from the recipe, ranges calibrated on `calibration` feeds.
 
     `keep`: MatMul nodes kept at higher precision (`recipe.mixed.keep_as`): 16-bit weights (per output channel), or
-    left float. With `recipe.float_residual` the residual stream stays float (see `residual_nodes`)."""
+    left float. With `recipe.float_residual` the residual stream stays float (see `residual_nodes`). `ranges`: fixed
+    (min, max) for named tensors, in place of their calibrated ones (one encoding for a tensor that several graphs
+    share: a KV cache, the hidden state between two parts)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantType
     from onnxruntime.quantization import quantize as ort_quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -331,6 +333,14 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], 
     overrides.update(_per_channel_matmul(src, QuantType.QInt16, only=set(keep) - set(as_float)))
     if recipe.kv_type:  # a generation graph's KV cache, in and out (static_llm names it past_*)
         overrides.update(_kv_overrides(src, getattr(QuantType, recipe.kv_type)))
+    sources = _layout_sources(src) if ranges else {}
+    for name, (low, high) in (ranges or {}).items():
+        kind = recipe.kv_type if name.startswith("past_") and recipe.kv_type else recipe.activation_type
+        fixed = [{"quant_type": getattr(QuantType, kind), "rmin": np.float32(min(low, 0.0)),
+                  "rmax": np.float32(max(high, 0.0))}]
+        # a layout op's output takes its input's encoding: fix the tensor the layout ops start from
+        for tensor in {name, sources.get(name, name)}:
+            overrides[tensor] = fixed
     config = get_qnn_qdq_config(str(src), Feeds(), calibrate_method=getattr(CalibrationMethod, recipe.calibrate_method),
                                 activation_type=getattr(QuantType, recipe.activation_type),
                                 weight_type=weight_type, per_channel=recipe.per_channel,
@@ -342,6 +352,82 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], 
         out = Path(tmp) / "qdq.onnx"
         ort_quantize(str(src), str(out), config)
         return onnx.load(out)
+
+
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _layout_sources(src: Path) -> dict[str, str]:
+    """For each graph output, the tensor it is a re-layout of (through Reshape/Transpose/...): the quantizer gives a
+    layout op's output its input's encoding, so that is the tensor whose range decides the output's."""
+    model = onnx.load(src, load_external_data=False)
+    producer = {o: node for node in model.graph.node for o in node.output}
+    out = {}
+    for value in model.graph.output:
+        name = value.name
+        while name in producer and producer[name].op_type in LAYOUT_OPS:
+            name = producer[name].input[0]
+        out[value.name] = name
+    return out
+
+
+def quantized_io(model: onnx.ModelProto) -> dict[str, dict]:
+    """Make the graph take and give quantized tensors where it quantizes them at its edges: a graph input read only
+    by one QuantizeLinear becomes that Q's integer output, a graph output written by a DequantizeLinear becomes that
+    DQ's integer input. Returns each such tensor's encoding {name: {scale, zero_point, dtype}}; float edges (a
+    float residual stream, ids) stay as they are.
+
+    The QNN EP compiles such a model into a context binary with integer I/O, as AI Hub's are: a uint16 tensor moves
+    half the bytes of a float32 one per step (a uint8 KV cache a quarter), and no Q/DQ pass over the cache runs on
+    either side of the call."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    init = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producer = {o: node for node in graph.node for o in node.output}
+    encodings, drop = {}, []
+
+    def encoding(node) -> dict:
+        zero = numpy_helper.to_array(init[node.input[2]])
+        return {"scale": float(numpy_helper.to_array(init[node.input[1]]).reshape(-1)[0]),
+                "zero_point": int(zero.reshape(-1)[0]), "dtype": str(zero.dtype)}
+
+    for value in graph.input:
+        readers = consumers.get(value.name, [])
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or readers[0].input[1] not in init:
+            continue
+        q = readers[0]
+        encodings[value.name] = encoding(q)
+        for node in consumers.get(q.output[0], []):  # the DQs read the graph input, now integer
+            node.input[:] = [value.name if x == q.output[0] else x for x in node.input]
+        value.type.tensor_type.elem_type = init[q.input[2]].data_type
+        drop.append(q)
+    for value in graph.output:
+        dq = producer.get(value.name)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in init:
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(consumers.get(dq.input[0], [])) != 1:
+            continue
+        encodings[value.name] = encoding(dq)
+        q.output[0] = value.name
+        value.type.tensor_type.elem_type = init[dq.input[2]].data_type
+        if consumers.get(value.name):  # the graph reads its own output too (a new key joins the cache): keep a DQ
+            dq.input[0], dq.output[0] = value.name, f"{value.name}_dequantized"
+            for node in consumers[value.name]:
+                node.input[:] = [dq.output[0] if x == value.name else x for x in node.input]
+        else:
+            drop.append(dq)
+    for node in drop:
+        graph.node.remove(node)
+    stale = [v for v in graph.value_info if v.name in encodings]  # their float types would contradict the edges
+    for v in stale:
+        graph.value_info.remove(v)
+    return encodings
 
 
 def _kv_overrides(src: Path, kv_type) -> dict[str, list[dict]]:

@@ -136,6 +136,8 @@ class Signature:
     part: Part | None = None         # static generation graphs: which share of the model (static_llm)
     rope: Rope | None = None         # static generation graphs: the rotary tables the host computes
     context_graph: int | None = None  # a shared context binary's graph index (AppBuilder's graphIndex)
+    # integer inputs/outputs of a compiled graph: name -> {scale, zero_point, dtype} (real = (q - zero_point) * scale)
+    quantized_io: dict | None = None
 
     @property
     def can_generate(self) -> bool:

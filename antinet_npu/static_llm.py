@@ -209,6 +209,32 @@ class SessionCache:
         self._open.clear()
 
 
+def quantized_edges(signature: Signature, run: Callable) -> Callable:
+    """`run` (feeds -> outputs, in `signature.outputs` order) over a graph with integer I/O, as a float one: the host
+    quantizes what goes in and dequantizes what comes out with the graph's own encodings (round half to even, as
+    QuantizeLinear). The cache goes back in with the encoding it came out with, so its round trip is exact."""
+    encodings = signature.quantized_io
+    if not encodings:
+        return run
+
+    def quantize(name: str, x: np.ndarray) -> np.ndarray:
+        e = encodings.get(name)
+        if e is None:
+            return x
+        info = np.iinfo(e["dtype"])
+        return np.clip(np.rint(x / e["scale"]) + e["zero_point"], info.min, info.max).astype(e["dtype"])
+
+    def dequantize(name: str, q: np.ndarray) -> np.ndarray:
+        e = encodings.get(name)
+        return q if e is None else ((q.astype(np.float32) - e["zero_point"]) * np.float32(e["scale"]))
+
+    def runner(feeds: dict) -> list:
+        outputs = run({name: quantize(name, x) for name, x in feeds.items()})
+        return [dequantize(name, y) for name, y in zip(signature.outputs, outputs)]
+
+    return runner
+
+
 def open_parts(sources: dict[int, list], open_graph: Callable, record_into: dict | None = None) -> StaticStepper:
     """The host loop over part graphs: `sources[ar]` their paths in part order (AR-N and AR-1), `open_graph(path)` a
     session with `run(None, feeds)` (or a `SessionCache` of them, shared with the caller). With `record_into`,
@@ -220,10 +246,10 @@ def open_parts(sources: dict[int, list], open_graph: Callable, record_into: dict
     session = open_graph if isinstance(open_graph, SessionCache) else SessionCache(open_graph)
 
     def runner(path, key):
+        run = quantized_edges(Signature.read(path), lambda feeds: session(path).run(None, feeds))
         if record_into is None:
-            return lambda feeds: session(path).run(None, feeds)
-        return lambda feeds: (record_into.setdefault(key, []).append(Trace.of(feeds)),
-                              session(path).run(None, feeds))[1]
+            return run
+        return lambda feeds: (record_into.setdefault(key, []).append(Trace.of(feeds)), run(feeds))[1]
 
     graphs = {ar: [runner(p, (ar, i)) for i, p in enumerate(paths)] for ar, paths in sources.items()}
     return StaticStepper([Signature.read(p) for p in sources[prefill_len]], graphs[prefill_len], graphs[1])

@@ -68,6 +68,13 @@ def run(cfg: Config, precision: str) -> dict:
              gen.calib_new_tokens, ", ".join(f"AR-{ar} part {i}: {len(v)}" for (ar, i), v in sorted(traces.items())),
              sum(x.nbytes for v in traces.values() for t in v for x in t.feeds.values()) / 1e6)
 
+    # one encoding per tensor that several graphs read or write (a layer's cache: in and out, AR-N and AR-1; the
+    # hidden state between two parts; the mask and rotary tables every graph takes): integer I/O then passes from one
+    # graph to the next as raw bytes, and Genie, which fills one buffer per name, refuses anything else ("Non-identical
+    # quantization parameters found for the same tensor")
+    first = Signature.read(fp32[n][0])
+    ranges = _shared_ranges(traces, first.mask_value, first.rope.scaling) if gen.quantized_io else {}
+    encodings: dict[tuple[int, int], dict] = {}
     out = artifacts.qnn_gen_dir(model, precision)
     parts_metrics = {}
     part_nodes = [quantization.weight_groups(fp32[n][i], ("MatMul",)) for i in range(gen.parts)]
@@ -81,11 +88,14 @@ def run(cfg: Config, precision: str) -> dict:
             part = {"quantize_seconds": 0.0, "compile_seconds": 0.0, "cpu_compute_nodes": 0, "compute_nodes": 0}
             for ar in (n, 1):
                 t = time.perf_counter()
-                qdq_model = quantization.qdq_static(fp32[ar][i], recipe, (t.full() for t in traces.pop((ar, i))), keep)
+                qdq_model = quantization.qdq_static(fp32[ar][i], recipe, (t.full() for t in traces.pop((ar, i))), keep,
+                                                    ranges)
+                encodings[ar, i] = quantization.quantized_io(qdq_model) if gen.quantized_io else {}
                 part["compute_nodes"] += sum(x.op_type not in qnn.BOUNDARY_OPS for x in qdq_model.graph.node)
                 qdq = artifacts.qnn_gen_qdq(tmp, ar, i)
                 onnx_models.save(qdq_model, qdq)
-                Signature.read(fp32[ar][i]).write(qdq)
+                signature = replace(Signature.read(fp32[ar][i]), quantized_io=encodings[ar, i] or None)
+                signature.write(qdq)
                 del qdq_model
                 gc.collect()
                 part["quantize_seconds"] += time.perf_counter() - t
@@ -93,7 +103,6 @@ def run(cfg: Config, precision: str) -> dict:
                 ctx = artifacts.qnn_gen_ctx(tmp, ar, i, verify=True)
                 qnn.compile_context(qdq, ctx, cfg.target, cc.allow_cpu_fallback)
                 part["cpu_compute_nodes"] += len(qnn.nodes_outside_context(ctx)[1])
-                signature = Signature.read(fp32[ar][i])
                 qnn.name_graphs({ctx: signature.part.graph_name(ar, gen.context_length)})
                 signature.write(ctx)
                 part["compile_seconds"] += time.perf_counter() - t
@@ -109,7 +118,8 @@ def run(cfg: Config, precision: str) -> dict:
             qnn.name_graphs({ctx: Signature.read(fp32[ar][i]).part.graph_name(ar, gen.context_length)
                              for ar, ctx in zip((n, 1), shipped)})
             for k, (ar, ctx) in enumerate(zip((n, 1), shipped)):  # graph k of the part's binary: compile order
-                replace(Signature.read(fp32[ar][i]), context_graph=k if gen.share else 0).write(ctx)
+                replace(Signature.read(fp32[ar][i]), context_graph=k if gen.share else 0,
+                        quantized_io=encodings[ar, i] or None).write(ctx)
             bins = sorted({b for ctx in shipped for b in qnn.context_binaries(ctx)})
             part["compile_seconds"] += time.perf_counter() - t
             parts_metrics[f"part{i}"] = {
@@ -120,6 +130,9 @@ def run(cfg: Config, precision: str) -> dict:
                 "kept_groups": len(groups)}
             log.info("part %d: %s (%.1f MB, shared) vs %.1f MB unshared", i, ", ".join(b.name for b in bins),
                      parts_metrics[f"part{i}"]["bin_mb"], unshared / 1e6)
+        _check_shared_encodings(encodings, {(ar, i): [*Signature.read(fp32[ar][i]).inputs,
+                                                      *Signature.read(fp32[ar][i]).outputs]
+                                            for ar in (n, 1) for i in range(gen.parts)})
         build_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -146,15 +159,11 @@ def run(cfg: Config, precision: str) -> dict:
             "fp32": expected, "host": [list(map(int, g)) for g in got]})
         del reference, answers
         result = meter.result()
-        # I/O per call as built (float32 at the graph edges) and in the quantized form AI Hub's graphs take
-        # (activation type everywhere, kv_type for the cache, int32 ids): what a device moves per step
-        width = {"QUInt8": 1, "QInt8": 1, "QUInt16": 2, "QInt16": 2}
-        quantized = {"input_ids": 4, "past_": width[recipe.kv_type or recipe.activation_type],
-                     "": width[recipe.activation_type]}
+        # what a device moves between host and NPU per call, as built and as it would be with float32 edges
         io = {f"io_mb_per_{what}{suffix}": round(sum(qnn.io_bytes(artifacts.qnn_gen_ctx(tmp, ar, i, verify=True),
                                                                    types) for i in range(gen.parts)) / 1e6, 3)
-              for what, ar in (("decode_step", 1), ("prefill_call", n)) for suffix, types in (("", None),
-                                                                                            ("_quantized", quantized))}
+              for what, ar in (("decode_step", 1), ("prefill_call", n))
+              for suffix, types in (("", None), ("_float32", {"": 4}))}
         agreement = fidelity.generation_agreement(expected, got) if prompts.size else {}
         violations = fidelity.gate_violations(f"{precision} generation", result, cc.gate(precision))
         metrics = record(
@@ -163,6 +172,7 @@ def run(cfg: Config, precision: str) -> dict:
             prefill_len=n, context_length=gen.context_length, num_parts=gen.parts,
             activation_type=recipe.activation_type, weight_type=recipe.weight_type,
             kv_type=recipe.kv_type or recipe.activation_type, float_residual=recipe.float_residual,
+            quantized_io=gen.quantized_io,
             **sensitivity.mixed_metrics(recipe.mixed, kept, [x for nodes in part_nodes for g in kept
                                                              for x in nodes.get(g, [])]),
             shared=gen.share, verified_binaries="unshared (verify/): the emulator cannot load a shared binary",
@@ -184,6 +194,54 @@ def run(cfg: Config, precision: str) -> dict:
              100 * result["ppl_increase"], fidelity.interval_text(result), agreement.get("gen_agreement", float("nan")),
              " (emulated)" if qnn.emulated() else "")
     return metrics
+
+
+def _shared_key(name: str) -> str:
+    """The tensor a graph input or output stands for across graphs: past_key_3_in and past_key_3_out are one cache."""
+    return name[:-len("_in")] if name.startswith("past_") and name.endswith("_in") else \
+        name[:-len("_out")] if name.startswith("past_") and name.endswith("_out") else name
+
+
+SHARED_INPUTS = ("attention_mask", "position_ids_cos", "position_ids_sin")
+
+
+def _shared(key: str) -> bool:
+    return key.startswith(("past_", "hidden_states_")) or key in SHARED_INPUTS
+
+
+def _shared_ranges(traces: dict, mask_value: float, rope_scaling: float) -> dict[str, tuple[float, float]]:
+    """(min, max) of every tensor several graphs share: the mask and rotary tables by construction, each cache and
+    part-boundary tensor over the calibration traces (a cache input holds the earlier outputs, so its range is the
+    output's too), under the input and the output name alike."""
+    found: dict[str, tuple[float, float]] = {"attention_mask": (mask_value, 0.0),
+                                             "position_ids_cos": (-rope_scaling, rope_scaling),
+                                             "position_ids_sin": (-rope_scaling, rope_scaling)}
+    for trace_list in traces.values():
+        for trace in trace_list:
+            for name, x in trace.feeds.items():
+                if (name.startswith("past_") or name.startswith("hidden_states_")) and x.size:
+                    low, high = found.get(_shared_key(name), (np.inf, -np.inf))
+                    found[_shared_key(name)] = (min(low, float(x.min())), max(high, float(x.max())))
+    out = {}
+    for key, span in found.items():
+        names = [f"{key}_in", f"{key}_out"] if key.startswith("past_") else [key]
+        out.update({name: span for name in names})
+    return out
+
+
+def _check_shared_encodings(encodings: dict[tuple[int, int], dict], io: dict[tuple[int, int], list[str]]) -> None:
+    """Every graph that reads or writes one cache or boundary tensor must see it with one encoding (or all float)."""
+    seen: dict[str, tuple] = {}
+    for (ar, i), names in sorted(io.items()):
+        for name in names:
+            key = _shared_key(name)
+            if not _shared(key):
+                continue
+            e = encodings[ar, i].get(name)
+            value = (e["scale"], e["zero_point"], e["dtype"]) if e else ("float32",)
+            if seen.setdefault(key, value) != value:
+                raise AntinetError(f"the QDQ quantizer gave {key} two encodings ({seen[key]} and {value}, AR-{ar} "
+                                   f"part {i}): set compile.generation.quantized_io=false to build float I/O")
 
 
 @dataclass

@@ -95,12 +95,14 @@ def run(cfg: Config, precision: str) -> dict:
         ctx_bins = [t for targets in bundle_names for t in targets]
         unshared = [b for ar in (n, 1) for ctx in verify[ar] for b in qnn.context_binaries(ctx)]
         emulated_bins = [_relative(b, out) for b in unshared]
+        switching = cfg.genie.graph_switching
         artifacts.write_json(tmp / genie.CONFIG, bundle.dialog_config(ctx_bins, use_mmap=cfg.genie.use_mmap,
-                                                                      n_threads=cfg.genie.n_threads))
+                                                                      n_threads=cfg.genie.n_threads,
+                                                                      graph_switching=switching))
         artifacts.write_json(tmp / genie.HTP_CONFIG, bundle.htp_config(weight_sharing=gen.share))
         artifacts.write_json(tmp / EMULATOR_HTP_CONFIG, bundle.htp_config(weight_sharing=False))
         artifacts.write_json(tmp / EMULATOR_CONFIG, bundle.dialog_config(emulated_bins, extensions=EMULATOR_HTP_CONFIG,
-                                                                         use_mmap=False))
+                                                                         use_mmap=False, graph_switching=switching))
         build_seconds = time.perf_counter() - start
 
         log.info("checking the bundle with Genie %s%s over the unshared binaries: %d prompts x %d tokens", api,
@@ -108,7 +110,8 @@ def run(cfg: Config, precision: str) -> dict:
         start = time.perf_counter()
         # the emulator config as genie-t2t-run started in the finished bundle would read it (paths made absolute)
         checked = bundle.dialog_config([str(b.resolve()) for b in unshared], tokenizer=str(tmp / genie.TOKENIZER),
-                                       extensions=str(tmp / EMULATOR_HTP_CONFIG), use_mmap=False)
+                                       extensions=str(tmp / EMULATOR_HTP_CONFIG), use_mmap=False,
+                                       graph_switching=switching)
         dialog = genie.Dialog(checked)
         try:
             order = dialog.graph_order()

@@ -283,3 +283,53 @@ def test_serve_speaks_openai_over_a_genie_dialog_and_answers_as_the_npu_parts_do
         finally:
             server.stop()
     assert answers["genie-w8a16"] == answers["qnn-htp-w8a16"] and answers["genie-w8a16"]
+
+
+def test_quantized_io_keeps_the_arithmetic_and_a_graph_that_reads_its_own_output():
+    """`quantization.quantized_io`: the edges' Q/DQ move to the host (integer graph inputs and outputs), including an
+    output the graph also reads (a new key joins the cache), and the host's quantize/dequantize with the returned
+    encodings gives back the QDQ model's own numbers."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    from antinet_npu import quantization, static_llm
+    from antinet_npu.signature import ADDITIVE_MASK, Signature
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Add", ["y", "x"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8])], [weight])
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, qdq = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), src)
+
+        class Feeds(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(8)])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize(str(src), str(qdq), get_qnn_qdq_config(str(src), Feeds(), activation_type=QuantType.QUInt16,
+                                                        weight_type=QuantType.QUInt8))
+        model = onnx.load(qdq)
+        reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        encodings = quantization.quantized_io(model)
+        assert set(encodings) == {"x", "y", "z"} and all(e["dtype"] == "uint16" for e in encodings.values())
+        assert {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)} == {
+            "x": TensorProto.UINT16, "y": TensorProto.UINT16, "z": TensorProto.UINT16}
+        stripped = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    signature = Signature(inputs=("x",), outputs=("y", "z"), mask=ADDITIVE_MASK, context_length=1,
+                          quantized_io=encodings)
+    run = static_llm.quantized_edges(signature, lambda feeds: stripped.run(None, feeds))
+    x = rng.standard_normal((1, 8)).astype(np.float32)
+    expected, got = reference.run(None, {"x": x}), run({"x": x})
+    for a, b in zip(expected, got):
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()

@@ -80,6 +80,9 @@ class GenerationGraphsConfig:
                                                               "most 2048 MB per graph, activations included)"))
     precisions: list[str] = field(default_factory=list, metadata=doc("QDQ recipes (compile.recipes) to compile "
                                                                        "the parts with (matrix)"))
+    quantized_io: bool = field(default=True, metadata=doc(
+        "graphs take and give integer tensors (the activation type; kv_type for the cache) as AI Hub's do: half "
+        "the bytes per step of float32 at 16 bits; one encoding per cache and part-boundary tensor"))
     share: bool = field(default=True, metadata=doc("one context binary per part for AR-N and AR-1 (one weight "
                                                      "copy); false ships the unshared binaries"))
     calib_new_tokens: int = field(default=8, metadata=doc("decode steps per calibration prompt (AR-1 traces)"))
@@ -160,6 +163,8 @@ class GenieConfig:
     use_mmap: bool = field(default=True, metadata=doc("the shipped config's QnnHtp use-mmap (AI Hub's default on a "
                                                        "device); the emulator check runs without"))
     n_threads: int = field(default=3, metadata=doc("the shipped config's engine n-threads"))
+    graph_switching: bool = field(default=False, metadata=doc(
+        "Genie's enable-graph-switching: one AR variant's graphs resident at a time (both configs)"))
 
     def check(self) -> None:
         require(0 <= self.min_host_agreement <= 1, f"genie.min_host_agreement must be 0..1, got "
