@@ -13,10 +13,11 @@ import onnx
 import pytest
 
 from antinet_npu import AntinetError, artifacts, genie, qnn
+from antinet_npu.signature import Signature
 from conftest import TEST_OVERRIDES, clone_project, error_line, run_cli
 
 PRECISION, AR, CL, PARTS = "w8a16", 32, 256, 2
-ONNX_TYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT32: "int32"}
+ONNX_TYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT32: "int32", onnx.TensorProto.UINT16: "uint16"}
 
 
 def _bundle(project):
@@ -31,10 +32,13 @@ def _io(graph) -> dict[str, tuple[str, tuple[int, ...]]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("verify", [False, True], ids=["shipped", "unshared"])
 def test_graph_contract_read_back_from_the_built_binaries(pipeline, verify):
-    """AI Hub's (= Genie's) I/O, part boundaries named alike on both sides, and graph names `<kind>_ar<AR>_cl<CL>_<i>_of
-    _<n>` inside the context binaries, read from what compile-gen built (wrappers and binaries)."""
+    """AI Hub's (= Genie's) I/O, quantized (uint16 but the int32 ids), part boundaries named alike on both sides with
+    one encoding, and graph names `<kind>_ar<AR>_cl<CL>_<i>_of_<n>` inside the context binaries, read from what
+    compile-gen built (wrappers, their signatures, binaries)."""
     folder = pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", PRECISION)
     kv_heads, head_dim, hidden, vocab = 2, 32, 192, 2048
+    q = "uint16"
+    shared: dict = {}
     for ar in (AR, 1):
         past = CL - ar
         boundary = None
@@ -44,20 +48,27 @@ def test_graph_contract_read_back_from_the_built_binaries(pipeline, verify):
             inputs, outputs = _io(model.graph.input), _io(model.graph.output)
             first = (0, 1) if i == 0 else (2, 3)
             expected_in = {("input_ids" if i == 0 else f"hidden_states_{first[0]}"):
-                           ("int32", (1, ar)) if i == 0 else ("float32", (1, ar, hidden)),
-                           "attention_mask": ("float32", (1, 1, ar, CL)),
-                           "position_ids_cos": ("float32", (1, 1, ar, head_dim // 2)),
-                           "position_ids_sin": ("float32", (1, 1, ar, head_dim // 2))}
+                           ("int32", (1, ar)) if i == 0 else (q, (1, ar, hidden)),
+                           "attention_mask": (q, (1, 1, ar, CL)),
+                           "position_ids_cos": (q, (1, 1, ar, head_dim // 2)),
+                           "position_ids_sin": (q, (1, 1, ar, head_dim // 2))}
             for layer in first:
-                expected_in[f"past_key_{layer}_in"] = ("float32", (kv_heads, 1, head_dim, past))  # keys transposed
-                expected_in[f"past_value_{layer}_in"] = ("float32", (kv_heads, 1, past, head_dim))
+                expected_in[f"past_key_{layer}_in"] = (q, (kv_heads, 1, head_dim, past))  # keys transposed
+                expected_in[f"past_value_{layer}_in"] = (q, (kv_heads, 1, past, head_dim))
             assert inputs == expected_in
-            head = ("logits", ("float32", (1, ar, vocab))) if i == PARTS - 1 else \
-                (f"hidden_states_{first[1] + 1}", ("float32", (1, ar, hidden)))
+            head = ("logits", (q, (1, ar, vocab))) if i == PARTS - 1 else \
+                (f"hidden_states_{first[1] + 1}", (q, (1, ar, hidden)))
             assert list(outputs.items())[0] == head
             for layer in first:
-                assert outputs[f"past_key_{layer}_out"] == ("float32", (kv_heads, 1, head_dim, ar))
-                assert outputs[f"past_value_{layer}_out"] == ("float32", (kv_heads, 1, ar, head_dim))
+                assert outputs[f"past_key_{layer}_out"] == (q, (kv_heads, 1, head_dim, ar))
+                assert outputs[f"past_value_{layer}_out"] == (q, (kv_heads, 1, ar, head_dim))
+            # one encoding per tensor that graphs share (what Genie requires, and what lets the cache pass as bytes)
+            encodings = Signature.read(ctx).quantized_io
+            assert set(encodings) == {n for n, (t, _) in {**inputs, **outputs}.items() if t == q}
+            for name, e in encodings.items():
+                if name != "logits":
+                    key = name.removesuffix("_in").removesuffix("_out")
+                    assert shared.setdefault(key, e) == e, name
             if boundary is not None:  # the tensor between two parts carries one name on both sides
                 assert boundary in inputs
             boundary = head[0]
@@ -295,7 +306,7 @@ def test_quantized_io_keeps_the_arithmetic_and_a_graph_that_reads_its_own_output
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     from antinet_npu import quantization, static_llm
-    from antinet_npu.signature import ADDITIVE_MASK, Signature
+    from antinet_npu.signature import ADDITIVE_MASK
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W")

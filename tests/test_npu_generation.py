@@ -63,7 +63,7 @@ def test_split_gives_the_logits_of_the_whole_and_of_pytorch(pipeline, tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "four").mkdir()
     whole, split = _stepper(model, tmp_path / "one", 1), _stepper(model, tmp_path / "four", 4)
-    prompt = np.random.default_rng(0).integers(0, 2000, 2 * AR + 5)  # three AR-8 chunks, the first left-padded
+    prompt = np.random.default_rng(0).integers(0, 2000, 2 * AR + 5)  # three AR-8 chunks, the last padded on the right
     with torch.no_grad():
         expected = reference(input_ids=torch.from_numpy(prompt[None])).logits[0, -1].numpy()
     got_whole, got_split = whole.prefill(prompt), split.prefill(prompt)
