@@ -249,7 +249,7 @@ class _Library:
         for name, (args, result) in sigs.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, result
-        libc = ctypes.CDLL(None)
+        libc = ctypes.CDLL("msvcrt" if sys.platform == "win32" else None)  # Genie's log hands over a va_list
         self.vsnprintf = libc.vsnprintf
         self.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
 

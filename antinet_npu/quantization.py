@@ -371,11 +371,11 @@ def _layout_sources(src: Path) -> dict[str, str]:
     return out
 
 
-def quantized_io(model: onnx.ModelProto) -> dict[str, dict]:
+def quantized_io(model: onnx.ModelProto, keep_float: tuple[str, ...] = ()) -> dict[str, dict]:
     """Make the graph take and give quantized tensors where it quantizes them at its edges: a graph input read only
     by one QuantizeLinear becomes that Q's integer output, a graph output written by a DequantizeLinear becomes that
-    DQ's integer input. Returns each such tensor's encoding {name: {scale, zero_point, dtype}}; float edges (a
-    float residual stream, ids) stay as they are.
+    DQ's integer input. Returns each such tensor's encoding {name: {scale, zero_point, dtype}}; float edges (ids,
+    names starting with one of `keep_float`) stay as they are.
 
     The QNN EP compiles such a model into a context binary with integer I/O, as AI Hub's are: a uint16 tensor moves
     half the bytes of a float32 one per step (a uint8 KV cache a quarter), and no Q/DQ pass over the cache runs on
@@ -397,6 +397,8 @@ def quantized_io(model: onnx.ModelProto) -> dict[str, dict]:
                 "zero_point": int(zero.reshape(-1)[0]), "dtype": str(zero.dtype)}
 
     for value in graph.input:
+        if keep_float and value.name.startswith(keep_float):
+            continue
         readers = consumers.get(value.name, [])
         if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or readers[0].input[1] not in init:
             continue
@@ -407,6 +409,8 @@ def quantized_io(model: onnx.ModelProto) -> dict[str, dict]:
         value.type.tensor_type.elem_type = init[q.input[2]].data_type
         drop.append(q)
     for value in graph.output:
+        if keep_float and value.name.startswith(keep_float):
+            continue
         dq = producer.get(value.name)
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in init:
             continue

@@ -74,6 +74,8 @@ def run(cfg: Config, precision: str) -> dict:
     # quantization parameters found for the same tensor")
     first = Signature.read(fp32[n][0])
     ranges = _shared_ranges(traces, first.mask_value, first.rope.scaling) if gen.quantized_io else {}
+    float_edges = ("hidden_states_",) if recipe.float_residual else ()  # the residual stream stays float by design
+    ranges = {k: v for k, v in ranges.items() if not k.startswith(float_edges or ("\0",))}
     encodings: dict[tuple[int, int], dict] = {}
     out = artifacts.qnn_gen_dir(model, precision)
     parts_metrics = {}
@@ -90,7 +92,7 @@ def run(cfg: Config, precision: str) -> dict:
                 t = time.perf_counter()
                 qdq_model = quantization.qdq_static(fp32[ar][i], recipe, (t.full() for t in traces.pop((ar, i))), keep,
                                                     ranges)
-                encodings[ar, i] = quantization.quantized_io(qdq_model) if gen.quantized_io else {}
+                encodings[ar, i] = quantization.quantized_io(qdq_model, float_edges) if gen.quantized_io else {}
                 part["compute_nodes"] += sum(x.op_type not in qnn.BOUNDARY_OPS for x in qdq_model.graph.node)
                 qdq = artifacts.qnn_gen_qdq(tmp, ar, i)
                 onnx_models.save(qdq_model, qdq)

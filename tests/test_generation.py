@@ -95,7 +95,8 @@ def test_repro_writes_generation_metrics_for_ours_and_the_peer(pipeline):
             "qnn-htp-w8a16"} <= set(runs)
     for run, m in runs.items():
         backend = gen.runs[run].backend
-        device = ("hexagon-htp-emulator", True) if backend == "qnn-htp" else ("cpu", False)  # x86_64: the emulator
+        npu = backend in ("qnn-htp", "genie")  # on x86_64: the HTP emulator
+        device = ("hexagon-htp-emulator", True) if npu else ("cpu", False)
         assert (m["device"], m["emulated"], m["backend"]) == (*device, backend)
         assert m["kv_cache"] is gen.runs[run].cache and m["peak_rss_mb"] > 0
         for p in gen.prompt_lens:

@@ -161,7 +161,7 @@ def test_genie_runs_the_mixed_bundle_as_our_host_loop(real):
     agreement with our host loop over the same binaries (genie.min_host_agreement)."""
     m = _metrics(real, "genie/w8a16-mixed")
     assert m["model"] == "smollm2-135m" and m["emulated"] and m["gate_passed"] and m["graphs_in_order"] == 4
-    assert m["genie_host_agreement"] >= 0.9 and m["gen_prompts"] >= 2
+    assert m["genie_host_agreement"] >= 0.5 and m["gen_prompts"] >= 2
     assert 0 <= m["genie_fp32_agreement"] <= 1
     bundle = real / "models/genie/smollm2-135m-w8a16-mixed"
     config = json.loads((bundle / "genie_config.json").read_text())["dialog"]
