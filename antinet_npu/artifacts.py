@@ -92,30 +92,29 @@ def genai_dir(model: str, precision: str) -> Path:
     return MODELS / "genai" / f"{model}-{precision}"
 
 
-def run_artifact(model: str, backend: str, precision: str, seq_len: int | None = None) -> tuple[Path, Path]:
-    """What a backend loads for `precision`, and the file that holds its weights: the one place a run's artifact is
-    named. The run lists under conf/ spell the same paths for DVC (its deps must be literal); a test holds them to
-    this function."""
-    if backend == "torch":
+def run_artifact(model: str, what: str, precision: str, seq_len: int | None = None) -> tuple[Path, Path]:
+    """What a backend loads (`what`: its `BackendSpec` artifact kind) for `precision`, and the file that holds its
+    weights: the one place a run's artifact is named. The run lists under conf/ spell the same paths for DVC (its deps
+    must be literal); a test holds them to this function."""
+    if what == "pytorch":
         return pytorch_dir(model), pytorch_dir(model)
-    if backend == "ort-cpu":
+    if what == "onnx":
         path = onnx_path(model, precision)
         return path, external_data(path)
-    if backend == "ort-genai":
+    if what == "genai":
         return genai_dir(model, precision), genai_dir(model, precision)
-    if backend == "genie":
+    if what == "genie":
         return genie_dir(model, precision), genie_dir(model, precision)
-    if backend in ("qnn-htp", "qai-appbuilder") and seq_len:
+    if what == "qnn-context" and seq_len:
         path = ctx_path(model, precision, seq_len)
         return path, path.with_name(path.stem + "_qnn.bin")
-    if backend in ("qnn-htp", "qai-appbuilder"):  # generation: the folder of compiled parts
+    if what == "qnn-parts":
         return qnn_gen_dir(model, precision), qnn_gen_dir(model, precision)
-    raise AntinetError(f"no artifact is built for backend {backend!r} at precision {precision!r}")
-
-
-def sensitivity_path(probe: str) -> Path:
-    """Per-layer-group damage of a probe (metrics, read back by mixed recipes)."""
-    return METRICS / "sensitivity" / f"{probe}.json"
+    if what == "npu-onnx" and seq_len:
+        path = npu_onnx_path(model, seq_len)
+        return path, external_data(path)
+    at = f"precision {precision!r}" + (f", S={seq_len}" if seq_len else "")
+    raise AntinetError(f"no {what} artifact is built at {at}")
 
 
 def external_data(path: Path) -> Path:

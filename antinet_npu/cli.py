@@ -145,7 +145,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "verify":
         from pathlib import Path
 
-        from antinet_npu.verify import main as verify_main
+        from antinet_npu.measure.verify import main as verify_main
 
         return verify_main(config.load(args.params), Path(args.metrics))
     if args.command == "compose":
@@ -162,7 +162,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     cfg = config.load(args.params, args.overrides)
     if args.command == "serve":
-        from antinet_npu import serve
+        from antinet_npu.runtime import serve
 
         for key in ("host", "port", "run"):
             if getattr(args, key) is not None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import time
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus
-from antinet_npu.backends import open_with_fallback
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, corpus
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
-from antinet_npu.timing import LatencyTracker
+from antinet_npu.measure.provenance import record
+from antinet_npu.measure.timing import LatencyTracker
+from antinet_npu.metrics import BENCH
+from antinet_npu.runtime.backends.registry import open_run
 
 log = logging.getLogger("bench")
 LOGS = artifacts.LOGS / "bench"
@@ -30,7 +32,7 @@ def run(cfg: Config, run: str) -> dict:
                                spec.seq_len, 1, "evaluation")
 
     start = time.perf_counter()
-    backend, how = open_with_fallback(cfg, run)
+    backend, how = open_run(cfg, run)
     load_seconds = time.perf_counter() - start
     try:
         described = backend.describe()
@@ -56,7 +58,7 @@ def run(cfg: Config, run: str) -> dict:
     LOGS.mkdir(parents=True, exist_ok=True)
     artifacts.write_text(LOGS / f"{run}.log", "".join(f"run {i + 1} latency_ms {ms:.3f}\n"
                                                       for i, ms in enumerate(tracker.latencies_ms)))
-    artifacts.write_metrics(artifacts.METRICS / "bench" / f"{run}.json", metrics)
+    BENCH.write(metrics, run)
     tag = " [EMULATED: not NPU latency]" if described["emulated"] else ""
     log.info("%s: avg %.2f ms (min %.2f, max %.2f, p90 %.2f), %.2f QPS, %.0f tokens/s%s", run,
              stats["avg_latency_ms"], stats["min_latency_ms"], stats["max_latency_ms"], stats["p90_latency_ms"],

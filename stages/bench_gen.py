@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import time
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, generation
-from antinet_npu.backends import registry
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, corpus
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
-from antinet_npu.timing import GenerationTracker
+from antinet_npu.measure.provenance import record
+from antinet_npu.measure.timing import GenerationTracker
+from antinet_npu.metrics import BENCH_GEN
+from antinet_npu.runtime import generation
+from antinet_npu.runtime.backends.registry import open_run
 
 log = logging.getLogger("bench-gen")
 
@@ -31,17 +34,8 @@ def run(cfg: Config, run: str) -> dict:
     docs = corpus.split_documents(cfg.text)["eval"]
     prompts = {p: corpus.windows(tokenizer, docs, p, 1, "evaluation")[0] for p in gc_.prompt_lens}
 
-    cls = registry()[spec.backend]
-    reason = cls.unavailable_reason()
-    if reason:  # no fallback: a generation figure is only meaningful for the backend named
-        raise AntinetError(f"{run}: {reason}")
-    artifact = artifacts.MODELS / spec.model
-    if not artifact.exists():
-        raise AntinetError(f"{artifact} not found for generation run {run}: run `dvc repro` (the stage that builds "
-                           f"{spec.model}) first")
-    backend = cls(cfg, cfg.bench.perf_mode)
     start = time.perf_counter()
-    backend.load(artifact)
+    backend, _ = open_run(cfg, run)
     load_seconds = time.perf_counter() - start
     results = {}
     try:
@@ -72,5 +66,5 @@ def run(cfg: Config, run: str) -> dict:
         backend.close()
     metrics = record(model=cfg.model.name, run=run, precision=spec.precision, **described, kv_cache=spec.cache,
                      new_tokens=new_tokens, warmup=gc_.warmup, load_seconds=round(load_seconds, 3), **results)
-    artifacts.write_metrics(artifacts.METRICS / "bench-gen" / f"{run}.json", metrics)
+    BENCH_GEN.write(metrics, run)
     return metrics

@@ -13,20 +13,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-from antinet_npu import (
-    AntinetError,
-    artifacts,
-    checkpoint,
-    cores,
-    corpus,
-    fidelity,
-    onnx_models,
-    qnn,
-    quantization,
-    sensitivity,
-)
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, corpus, onnx_models, qnn, quantization, sensitivity
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure import fidelity
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import COMPILE
+from antinet_npu.runtime import cores
 from antinet_npu.signature import Signature
 
 log = logging.getLogger("compile")
@@ -109,7 +102,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
             quantize_seconds=round(quantize_seconds, 2), compile_seconds=round(compile_seconds, 2),
             verify_seconds=round(time.perf_counter() - start, 2), verify_workers=workers,
             worker_peak_rss_mb=round(cores.worker_peak_rss_mb(), 1), gate_passed=not violations)
-        artifacts.write_metrics(artifacts.METRICS / "compile" / f"{precision}-{seq_len}.json", metrics)
+        COMPILE.write(metrics, COMPILE.key(precision=precision, seq_len=seq_len))
         if violations and cc.gate_mode(precision) == "fail":
             raise AntinetError("fidelity gate: " + "; ".join(violations) + " (bounds in compile.gates)")
     if violations:

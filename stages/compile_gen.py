@@ -18,23 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from antinet_npu import (
-    AntinetError,
-    artifacts,
-    checkpoint,
-    cores,
-    corpus,
-    fidelity,
-    generation,
-    onnx_models,
-    qnn,
-    quantization,
-    sensitivity,
-)
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, corpus, onnx_models, qnn, quantization, sensitivity
+from antinet_npu.build.static_llm import check_built_for, open_parts, trace_generation
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure import fidelity
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import COMPILE_GEN
+from antinet_npu.runtime import cores, generation
 from antinet_npu.signature import Signature
-from antinet_npu.static_llm import check_built_for, open_parts, trace_generation
 
 log = logging.getLogger("compile-gen")
 
@@ -186,7 +178,7 @@ def run(cfg: Config, precision: str) -> dict:
             build_seconds=round(build_seconds, 2), verify_seconds=round(time.perf_counter() - start, 2),
             verify_workers=workers, worker_peak_rss_mb=round(cores.worker_peak_rss_mb(), 1),
             gate_passed=not violations)
-        artifacts.write_metrics(artifacts.METRICS / "compile-gen" / f"{precision}.json", metrics)
+        COMPILE_GEN.write(metrics, precision)
         if violations and cc.gate_mode(precision) == "fail":
             raise AntinetError("fidelity gate: " + "; ".join(violations) + " (bounds in compile.gates)")
     if violations:

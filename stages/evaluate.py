@@ -11,9 +11,13 @@ import gc
 import logging
 import time
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, generation, onnx_models
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, corpus, onnx_models
 from antinet_npu.config import REFERENCE, Config
-from antinet_npu.provenance import record
+from antinet_npu.measure import fidelity
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import EVALUATE
+from antinet_npu.runtime import generation
 from antinet_npu.signature import Signature
 
 log = logging.getLogger("evaluate")
@@ -69,7 +73,7 @@ def run(cfg: Config, precision: str) -> dict:
                      size_mb=round(artifacts.onnx_size_mb(var_path), 3),
                      size_ratio=round(artifacts.onnx_size_mb(var_path) / artifacts.onnx_size_mb(ref_path), 4),
                      gate_passed=not violations, seconds=round(time.perf_counter() - start, 2))
-    artifacts.write_metrics(artifacts.METRICS / "evaluate" / f"{precision}.json", metrics)
+    EVALUATE.write(metrics, precision)
     greedy_text = (f"greedy tokens equal to FP32 {result['gen_agreement']:.3f} (first divergence at "
                    f"{result['gen_first_divergence']:.1f} of {ev.gen_tokens})" if prompts.size else "no greedy check")
     log.info("%s: top-1 %.4f, cosine %.5f, KL %.2e, perplexity %.2f (FP32 %.2f, %+.2f%%%s), %s, %s", precision,

@@ -15,9 +15,13 @@ import time
 import numpy as np
 import torch
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, generation, onnx_export, onnx_models
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, corpus, onnx_export, onnx_models
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure import fidelity
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import EXPORT
+from antinet_npu.runtime import generation
 
 log = logging.getLogger("export")
 
@@ -102,7 +106,7 @@ def run(cfg: Config) -> dict:
                      greedy_new_tokens=cfg.export.validate_new_tokens,
                      size_mb=round(artifacts.onnx_size_mb(out), 3), export_seconds=round(export_seconds, 2),
                      seconds=round(time.perf_counter() - start, 2))
-    artifacts.write_metrics(artifacts.METRICS / "export.json", metrics)
+    EXPORT.write(metrics)
     log.info("%s (%.1f MB), max |logits - PyTorch| %.2e (%.1e of their scale) over %d batches, greedy generation "
              "equal to PyTorch on %d prompts x %d tokens, in %.1f s", out, metrics["size_mb"], error["max_abs_diff"],
              error["max_rel_diff"], len(batches), len(prompts),

@@ -1,8 +1,9 @@
 """Stage `export-genai` (matrix over bench.generation.genai_precisions): the peer's own build of the same snapshot.
 
 onnxruntime-genai's model builder (`-e cpu`) turns `models/pytorch/<model>/` into `models/genai/<model>-<precision>/`
-(GroupQueryAttention, MatMulNBits, its genai_config.json), in its own process, through `antinet_npu.genai_builder`:
-the builder unchanged but for one float copy of the weights in memory instead of two (same output bytes). Checked
+(GroupQueryAttention, MatMulNBits, its genai_config.json), in its own process, through
+`antinet_npu.build.genai_builder`: the builder unchanged but for one float copy of the weights in memory instead of
+two (same output bytes). Checked
 before it is kept: greedy generation from held-out prompts, compared with our FP32 ONNX model token for token
 (agreement recorded).
 """
@@ -15,10 +16,14 @@ import subprocess
 import sys
 import time
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, fidelity, generation, onnx_models
-from antinet_npu.backends.ort_genai import GenaiStepper, require
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, corpus, onnx_models
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure import fidelity
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import EXPORT_GENAI
+from antinet_npu.runtime import generation
+from antinet_npu.runtime.backends.ort_genai import GenaiStepper, require
 from antinet_npu.signature import Signature
 
 log = logging.getLogger("export-genai")
@@ -37,7 +42,7 @@ def run(cfg: Config, precision: str) -> dict:
     start = time.perf_counter()
     log.info("onnxruntime-genai model builder: %s -> %s (%s, cpu)", snapshot, out, precision)
     with artifacts.staged_dir(out) as tmp:
-        cmd = [sys.executable, "-m", "antinet_npu.genai_builder", "-i", str(snapshot), "-o", str(tmp),
+        cmd = [sys.executable, "-m", "antinet_npu.build.genai_builder", "-i", str(snapshot), "-o", str(tmp),
                "-p", precision, "-e", "cpu", "-c", str(tmp / ".cache")]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -65,7 +70,7 @@ def run(cfg: Config, precision: str) -> dict:
                      builder_peak_rss_mb=_children_peak_rss_mb(), size_mb=round(size_mb, 3),
                      gen_prompts=len(prompts), gen_tokens=ev.gen_tokens, **agreement,
                      build_seconds=round(build_seconds, 2), seconds=round(time.perf_counter() - start, 2))
-    artifacts.write_metrics(artifacts.METRICS / "export-genai" / f"{precision}.json", metrics)
+    EXPORT_GENAI.write(metrics, precision)
     log.info("%s (%.1f MB): greedy tokens equal to our FP32 export %.3f over %d prompts x %d, in %.1f s", out,
              size_mb, agreement["gen_agreement"], len(prompts), ev.gen_tokens, metrics["seconds"])
     return metrics

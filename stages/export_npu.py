@@ -12,9 +12,12 @@ import time
 
 import torch
 
-from antinet_npu import artifacts, checkpoint, corpus, fidelity, onnx_export, onnx_models
+from antinet_npu import artifacts
+from antinet_npu.build import checkpoint, corpus, onnx_export, onnx_models
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure import fidelity
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import EXPORT_NPU
 
 log = logging.getLogger("export-npu")
 
@@ -44,7 +47,7 @@ def run(cfg: Config, seq_len: int) -> dict:
     metrics = record(model=cfg.model.name, seq_len=seq_len, opset=cfg.compile.opset, rmsnorm=cfg.compile.rmsnorm,
                      **error,
                      size_mb=round(artifacts.onnx_size_mb(out), 3), seconds=round(time.perf_counter() - start, 2))
-    artifacts.write_metrics(artifacts.METRICS / "export-npu" / f"s{seq_len}.json", metrics)
+    EXPORT_NPU.write(metrics, EXPORT_NPU.key(seq_len=seq_len))
     log.info("%s: max |logits - PyTorch| %.2e (%.1e of their scale), in %.1f s", out, error["max_abs_diff"],
              error["max_rel_diff"], metrics["seconds"])
     return metrics

@@ -16,12 +16,15 @@ from collections.abc import Callable
 
 import torch
 
-from antinet_npu import AntinetError, artifacts, checkpoint, fidelity, onnx_export, onnx_models
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, onnx_export, onnx_models
+from antinet_npu.build.static_llm import open_parts, plan_parts
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure import fidelity
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import EXPORT_NPU_GEN
 from antinet_npu.signature import Part
 from antinet_npu.stages.export import check_greedy, greedy_reference, validation_prompts
-from antinet_npu.static_llm import open_parts, plan_parts
 
 log = logging.getLogger("export-npu-gen")
 
@@ -112,7 +115,7 @@ def run(cfg: Config) -> dict:
                      max_part_mb=gen.max_part_mb, **error, greedy_prompts_equal=len(prompts),
                      greedy_new_tokens=cfg.export.validate_new_tokens, export_seconds=round(export_seconds, 2),
                      seconds=round(time.perf_counter() - start, 2))
-    artifacts.write_metrics(artifacts.METRICS / "export-npu-gen.json", metrics)
+    EXPORT_NPU_GEN.write(metrics)
     log.info("%s: %d parts, largest %.0f MB of 8-bit weights; greedy generation equal to PyTorch on %d prompts x %d "
              "tokens, in %.1f s", out, len(parts), max(sizes) / 1e6, len(prompts), cfg.export.validate_new_tokens,
              metrics["seconds"])

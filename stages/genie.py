@@ -1,7 +1,8 @@
 """Stage `genie` (matrix over compile.generation.precisions): compile-gen's parts -> a Genie bundle, checked by Genie.
 
-models/genie/<model>-<precision>/ is laid out as Qualcomm AI Hub ships an LLM for Genie (see `antinet_npu.genie`):
-the shipped weight-shared binaries under AI Hub's names, `genie_config.json`, `htp_backend_ext_config.json`,
+models/genie/<model>-<precision>/ is laid out as Qualcomm AI Hub ships an LLM for Genie (see
+`antinet_npu.runtime.genie`): the shipped weight-shared binaries under AI Hub's names, `genie_config.json`,
+`htp_backend_ext_config.json`,
 `tokenizer.json`, and `bundle.json` saying what they were built for. Genie cannot load weight-shared binaries on the
 x86_64 HTP emulator, so the bundle also carries `genie_config.emulator.json`: the same dialog over the unshared
 binaries of the very same graphs (compile-gen's verify/, by relative path), which Genie from the onnxruntime-qnn
@@ -17,11 +18,15 @@ import shutil
 import time
 from pathlib import Path
 
-from antinet_npu import AntinetError, artifacts, checkpoint, fidelity, genie, qnn
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, qnn
+from antinet_npu.build.static_llm import check_built_for
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure import fidelity
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import GENIE
+from antinet_npu.runtime import genie
 from antinet_npu.signature import Signature
-from antinet_npu.static_llm import check_built_for
 
 log = logging.getLogger("genie")
 
@@ -145,7 +150,7 @@ def run(cfg: Config, precision: str) -> dict:
             build_seconds=round(build_seconds, 2))
         violations = _violations(metrics, cfg)
         metrics["gate_passed"] = not violations
-        artifacts.write_metrics(artifacts.METRICS / "genie" / f"{precision}.json", metrics)
+        GENIE.write(metrics, precision)
         if violations and cfg.genie.mode == "fail":
             raise AntinetError("Genie check: " + "; ".join(violations) + " (bounds in genie)")
     if violations:

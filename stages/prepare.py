@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import time
 
-from antinet_npu import artifacts, checkpoint, corpus
+from antinet_npu import artifacts
+from antinet_npu.build import checkpoint, corpus
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import PREPARE
 
 log = logging.getLogger("prepare")
 
@@ -28,7 +30,7 @@ def run(cfg: Config) -> dict:
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     metrics = record(model=cfg.model.name, source=cfg.model.source, **info, **checkpoint.describe(model),
                      size_mb=round(size_mb, 2), seconds=round(time.perf_counter() - start, 2))
-    artifacts.write_metrics(artifacts.METRICS / "prepare.json", metrics)
+    PREPARE.write(metrics)
     log.info("%s -> %s (%.2fM parameters, %.1f MB%s) in %.1f s", cfg.model.source, out,
              info["num_parameters"] / 1e6, size_mb,
              f", train loss {info['train_loss']:.3f}" if "train_loss" in info else "", metrics["seconds"])

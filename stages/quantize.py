@@ -12,9 +12,11 @@ import time
 
 import onnx
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, onnx_models, quantization, sensitivity
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, corpus, onnx_models, quantization, sensitivity
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import QUANTIZE
 from antinet_npu.signature import Signature
 
 log = logging.getLogger("quantize")
@@ -64,7 +66,7 @@ def run(cfg: Config, precision: str) -> dict:
                      size_mb=round(size_mb, 3),
                      size_ratio=round(size_mb / fp32_mb, 4), quantized_ops=_quantized_ops(ops),
                      seconds=round(time.perf_counter() - start, 2))
-    artifacts.write_metrics(artifacts.METRICS / "quantize" / f"{precision}.json", metrics)
+    QUANTIZE.write(metrics, precision)
     log.info("%s: %.1f MB (%.2fx FP32), %d quantized ops, in %.1f s", out, size_mb, metrics["size_ratio"],
              metrics["quantized_ops"], metrics["seconds"])
     return metrics

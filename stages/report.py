@@ -9,8 +9,10 @@ import csv
 import io
 import logging
 
-from antinet_npu import AntinetError, artifacts, reporting
+from antinet_npu import AntinetError, artifacts
 from antinet_npu.config import Config
+from antinet_npu.measure import reporting
+from antinet_npu.metrics import SPEEDUP
 
 log = logging.getLogger("report")
 PLOTS = artifacts.REPORTS / "plots"
@@ -34,7 +36,7 @@ def run(cfg: Config) -> dict:
     artifacts.write_texts({  # all or none: a failure leaves the previous report whole
         artifacts.REPORTS / "summary.md": summary,
         artifacts.REPORTS / "benchmark.json": artifacts.json_text(report),
-        artifacts.METRICS / "speedup.json": artifacts.metrics_text(reporting.speedups(sources)),
+        SPEEDUP.path(): artifacts.metrics_text(reporting.speedups(sources)),
         PLOTS / "latency.csv": _csv(latency, ["series", "seq_len", "avg_latency_ms", "emulated"]),
         PLOTS / "fidelity.csv": _csv(fidelity, ["variant", "size_mb", "top1_agreement", "cosine"]),
         PLOTS / "generation.csv": _csv(reporting.generation_rows(cfg.model.name),

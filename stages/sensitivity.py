@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
-from antinet_npu import AntinetError, artifacts, checkpoint, corpus, sensitivity
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, corpus, sensitivity
 from antinet_npu.config import Config
-from antinet_npu.provenance import record
+from antinet_npu.measure.provenance import record
+from antinet_npu.metrics import SENSITIVITY
 
 log = logging.getLogger("sensitivity")
 
@@ -53,7 +55,7 @@ def run(cfg: Config, probe: str) -> dict:
             f"{site} KL {a['kl']:.2e} (widest range {a['widest_range']:.0f})" for site, a in activations.items()))
     metrics = record(**sensitivity.to_metrics(result), **({"activations": activations} if activations else {}),
                      samples=sc.num_samples, seq_len=sc.seq_len, seconds=round(time.perf_counter() - start, 2))
-    artifacts.write_metrics(artifacts.sensitivity_path(probe), metrics)
+    SENSITIVITY.write(metrics, probe)
     top = result.ranked()[:5]
     log.info("%s: most sensitive %s", probe, ", ".join(f"{g.group} (KL {g.kl:.2e})" for g in top))
     return metrics

@@ -11,8 +11,9 @@ import types
 import numpy as np
 import pytest
 
-from antinet_npu import AntinetError, backends, config
-from antinet_npu.backends.appbuilder import AppBuilderBackend
+from antinet_npu import AntinetError, config
+from antinet_npu.runtime.backends import registry as backends
+from antinet_npu.runtime.backends.appbuilder import AppBuilderBackend
 from conftest import TEST_OVERRIDES, clone_project, error_line, run_cli
 
 pytestmark = pytest.mark.slow
@@ -57,11 +58,11 @@ def test_every_available_backend_matches_ort_cpu_fp32(pipeline, monkeypatch):
     monkeypatch.chdir(pipeline.path)
     cfg = _cfg(pipeline.path)
     ids = np.random.default_rng(0).integers(0, 2048, (1, 32)).astype(np.int64)
-    reference, _ = backends.open_with_fallback(cfg, "ort-cpu-fp32-32")
+    reference, _ = backends.open_run(cfg, "ort-cpu-fp32-32")
     expected = reference.run(ids)
     for run, check in (("torch-fp32-32", "exact"), ("ort-cpu-fp16-32", "close"), ("ort-cpu-int8-block-32", "close"),
                        ("qnn-htp-w8a16-32", "close")):
-        backend, how = backends.open_with_fallback(cfg, run)
+        backend, how = backends.open_run(cfg, run)
         got = backend.run(ids)
         backend.close()
         assert how["backend"] == cfg.bench.runs[run].backend and got.shape == expected.shape
@@ -74,7 +75,7 @@ def test_every_available_backend_matches_ort_cpu_fp32(pipeline, monkeypatch):
 
 def test_static_backend_rejects_wrong_length(pipeline, monkeypatch):
     monkeypatch.chdir(pipeline.path)
-    backend, _ = backends.open_with_fallback(_cfg(pipeline.path), "qnn-htp-w8a16-32")
+    backend, _ = backends.open_run(_cfg(pipeline.path), "qnn-htp-w8a16-32")
     with pytest.raises(AntinetError, match="static graph of exactly 32 tokens, got 20"):
         backend.run(np.zeros((1, 20), np.int64))
 
@@ -172,7 +173,7 @@ class _FakeAppBuilder:
 
 def test_appbuilder_backend_follows_the_documented_api(pipeline, monkeypatch):
     """Against AppBuilder's documented API only: untested on Snapdragon hardware here."""
-    import antinet_npu.backends.appbuilder as ab
+    import antinet_npu.runtime.backends.appbuilder as ab
 
     assert AppBuilderBackend.unavailable_reason() == f"qai-appbuilder runs only on Windows on Snapdragon (this is " \
                                                      f"{sys.platform})"
@@ -267,7 +268,7 @@ def test_verify_fails_on_missing_damaged_or_unjudged_results(pipeline, tmp_path)
 def test_device_only_backends_say_why_they_are_unavailable_here():
     import platform
 
-    from antinet_npu.backends.qnn_ep import QnnGpuBackend
+    from antinet_npu.runtime.backends.qnn_ep import QnnGpuBackend
 
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert "needs an Adreno GPU" in QnnGpuBackend.unavailable_reason()

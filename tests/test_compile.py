@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from antinet_npu import AntinetError, qnn
+from antinet_npu import AntinetError
+from antinet_npu.build import qnn
 from antinet_npu.config import TargetConfig
 from conftest import clone_project, error_line, run_cli
 

@@ -85,11 +85,12 @@ def test_override_of_unknown_key_is_an_error():
 def test_the_run_lists_name_the_artifacts_that_artifacts_py_names(group):
     """conf/ spells each run's paths for DVC (deps must be literal); `artifacts.run_artifact` decides them."""
     from antinet_npu import artifacts
+    from antinet_npu.runtime.backends.registry import SPECS
 
     cfg = config.validate(config.compose([group], ROOT / "conf"), source=group)
-    runs = [*cfg.bench.runs.values(), *cfg.bench.generation.runs.values()]
+    runs = [*((SPECS[r.backend].single_pass, r) for r in cfg.bench.runs.values()),
+            *((SPECS[r.backend].generation, r) for r in cfg.bench.generation.runs.values())]
     assert runs
-    for run in runs:
-        model, weights = artifacts.run_artifact(cfg.model.name, run.backend, run.precision,
-                                                getattr(run, "seq_len", None))
+    for what, run in runs:
+        model, weights = artifacts.run_artifact(cfg.model.name, what, run.precision, getattr(run, "seq_len", None))
         assert (artifacts.MODELS / run.model, artifacts.MODELS / run.weights) == (model, weights), run

@@ -7,7 +7,8 @@ import pickle
 
 import pytest
 
-from antinet_npu import AntinetError, cores
+from antinet_npu import AntinetError
+from antinet_npu.runtime import cores
 
 
 def _square_where(x):
@@ -33,7 +34,7 @@ def test_a_worker_error_is_raised_here():
 
 
 def test_htp_graphs_pickle_without_their_sessions():
-    from antinet_npu import qnn
+    from antinet_npu.build import qnn
     from antinet_npu.config import TargetConfig
 
     graphs = qnn.HtpGraphs(TargetConfig())

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from antinet_npu import AntinetError, generation
+from antinet_npu import AntinetError
+from antinet_npu.runtime import generation
 from conftest import clone_project, error_line, run_cli
 
 
@@ -65,7 +66,7 @@ def test_sampling_greedy_seeded_and_top_k():
 
 
 def test_ort_genai_missing_names_the_extra(monkeypatch):
-    from antinet_npu.backends.ort_genai import OrtGenaiBackend
+    from antinet_npu.runtime.backends.ort_genai import OrtGenaiBackend
 
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import fails as if not installed
     assert "pip install 'antinet-npu[genai]'" in OrtGenaiBackend.unavailable_reason()
@@ -75,7 +76,8 @@ def test_generation_runs_must_be_backends_that_can_generate():
     from antinet_npu.config import GenerationBenchConfig, GenRunConfig
 
     runs = {"qnn-gpu-fp32": GenRunConfig(backend="qnn-gpu", precision="fp32", model="m", weights="w")}
-    with pytest.raises(AntinetError, match="cannot generate: use ort-cpu, torch, ort-genai, qnn-htp .* or genie"):
+    with pytest.raises(AntinetError, match="cannot generate: use one of torch, ort-cpu, qnn-htp, qai-appbuilder, "
+                                           "ort-genai, genie"):
         GenerationBenchConfig(runs=runs).check()
     runs = {"ort-cpu-fp32": GenRunConfig(backend="ort-cpu", precision="fp32", model="m", weights="w", cache=False)}
     with pytest.raises(AntinetError, match="must be named ort-cpu-fp32-nocache"):
@@ -141,8 +143,8 @@ def test_bench_gen_bad_inputs(pipeline, tmp_path):
 
 @pytest.mark.slow
 def test_a_static_npu_graph_says_it_cannot_generate(pipeline, monkeypatch):
-    from antinet_npu.backends.qnn_ep import QnnHtpBackend
     from antinet_npu.config import load
+    from antinet_npu.runtime.backends.qnn_ep import QnnHtpBackend
 
     monkeypatch.chdir(pipeline.path)
     backend = QnnHtpBackend(load(pipeline.path / "params.yaml"), "burst")
@@ -158,11 +160,48 @@ def test_a_static_npu_graph_says_it_cannot_generate(pipeline, monkeypatch):
 def test_genai_builder_writes_the_plain_builders_bytes(pipeline, tmp_path):
     """export-genai's builder (one float copy in memory) gives exactly what onnxruntime-genai's own builder gives."""
     snapshot = pipeline.path / "models/pytorch/tiny-qwen2"
-    for module in ("onnxruntime_genai.models.builder", "antinet_npu.genai_builder"):
+    for module in ("onnxruntime_genai.models.builder", "antinet_npu.build.genai_builder"):
         out = tmp_path / module
         subprocess.run([sys.executable, "-m", module, "-i", str(snapshot), "-o", str(out), "-p", "int4", "-e", "cpu",
                         "-c", str(out / ".cache")], check=True, capture_output=True)
     for name in ("model.onnx", "model.onnx.data"):
         plain = (tmp_path / "onnxruntime_genai.models.builder" / name).read_bytes()
-        assert plain == (tmp_path / "antinet_npu.genai_builder" / name).read_bytes(), name
+        assert plain == (tmp_path / "antinet_npu.build.genai_builder" / name).read_bytes(), name
     assert plain == (pipeline.path / "models/genai/tiny-qwen2-int4" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_every_generation_session_resumes_from_a_snapshot_as_if_it_never_stopped(pipeline, monkeypatch):
+    """The session API (prefill, extend, decode, snapshot, restore) on every backend that gives logits: a prompt
+    resumed from a snapshot of its prefix, after the cache moved on, gives exactly what an uninterrupted run gives."""
+    from antinet_npu.config import load
+    from antinet_npu.runtime.backends.registry import open_run
+
+    monkeypatch.chdir(pipeline.path)
+    cfg = load(pipeline.path / "params.yaml")
+    prompt = np.random.default_rng(0).integers(1, 2000, 45)
+    tried = []
+    for run, spec in cfg.bench.generation.runs.items():
+        if spec.backend == "genie":  # Genie samples for itself: no logits to compare
+            continue
+        backend, _ = open_run(cfg, run)
+        try:
+            session = backend.stepper() if spec.cache else \
+                generation.RecomputeStepper(backend.run, backend.stepper().context_length)
+            whole = session.prefill(prompt)
+            session.prefill(prompt[:37])
+            straight = session.extend(prompt[37:])  # the same chunks, never interrupted
+            session.prefill(prompt[:37])
+            saved = session.snapshot()
+            assert saved.length == 37 and saved.nbytes >= 0
+            session.decode(7)  # the cache moves on past the snapshot ...
+            session.restore(saved)  # ... and comes back
+            assert session.length == 37
+            resumed = session.extend(prompt[37:])
+        finally:
+            backend.close()
+        assert np.array_equal(resumed, straight), run
+        # against one prefill of the whole prompt: the same token (dynamic int8 scales activations per call)
+        assert int(np.argmax(resumed)) == int(np.argmax(whole)), run
+        tried.append(type(session).__name__)
+    assert {"TorchStepper", "OrtKvStepper", "GenaiStepper", "StaticStepper", "RecomputeStepper"} <= set(tried)

@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-from antinet_npu import AntinetError, artifacts, genie, qnn
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import qnn
+from antinet_npu.runtime import genie
 from antinet_npu.signature import Signature
 from conftest import TEST_OVERRIDES, clone_project, error_line, run_cli
 
@@ -305,7 +307,7 @@ def test_quantized_io_keeps_the_arithmetic_and_a_graph_that_reads_its_own_output
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
-    from antinet_npu import quantization, static_llm
+    from antinet_npu.build import quantization, static_llm
     from antinet_npu.signature import ADDITIVE_MASK
 
     rng = np.random.default_rng(0)
@@ -344,3 +346,73 @@ def test_quantized_io_keeps_the_arithmetic_and_a_graph_that_reads_its_own_output
     expected, got = reference.run(None, {"x": x}), run({"x": x})
     for a, b in zip(expected, got):
         assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()
+
+
+class _FakeGenieContext:
+    """AppBuilder's documented LLM API (`qai_appbuilder.GenieContext`: text in, text per token out), played by the
+    wheel's libGenie on the config file it is handed: no Windows on Snapdragon here."""
+
+    calls: list = []
+
+    def __init__(self, config: str):
+        from tokenizers import Tokenizer
+
+        self.calls.append(("GenieContext", config))
+        spec = json.loads(open(config).read())
+        self.tokenizer = Tokenizer.from_file(spec["dialog"]["tokenizer"]["path"])
+        self.dialog, self.max_length = genie.Dialog(spec), None
+
+    def SetParams(self, max_length: str, temp: str, top_k: str, top_p: str) -> bool:
+        self.calls.append(("SetParams", max_length, temp, top_k, top_p))
+        self.max_length = int(max_length)
+        return True
+
+    def Query(self, prompt: str, callback) -> str:
+        self.calls.append(("Query", prompt))
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        out = self.dialog.generate(ids, self.max_length)
+        pieces = [self.tokenizer.decode([t], skip_special_tokens=False) for t in out.tokens]
+        for piece in pieces:
+            if callback(piece) is False:
+                break
+        return "".join(pieces)
+
+    def Stop(self) -> bool:
+        self.calls.append(("Stop",))
+        return True
+
+
+@pytest.mark.slow
+def test_appbuilder_genie_context_runs_the_bundle_through_its_documented_api(pipeline, monkeypatch):
+    from antinet_npu import config
+    from antinet_npu.runtime.backends.genie import GenieBackend
+
+    def compose_config(project, *overrides):
+        return config.validate(config.compose([*TEST_OVERRIDES, *overrides], project / "conf"), source="test")
+
+    monkeypatch.chdir(pipeline.path)
+    cfg = compose_config(pipeline.path, "genie.runtime=appbuilder")
+    line = pytest.raises(AntinetError, GenieBackend(cfg, "default").load, _bundle(pipeline.path)).value
+    assert str(line) == f"genie.runtime=appbuilder: AppBuilder's GenieContext runs only on Windows on Snapdragon " \
+                        f"(this is {sys.platform})"
+    module = type(sys)("qai_appbuilder")
+    module.GenieContext = _FakeGenieContext
+    monkeypatch.setitem(sys.modules, "qai_appbuilder", module)
+    monkeypatch.setattr(genie, "appbuilder_reason", lambda: None)
+    _FakeGenieContext.calls = []
+    backend = GenieBackend(compose_config(pipeline.path), "default")  # auto: AppBuilder where it is installed
+    backend.load(_bundle(pipeline.path))
+    config_file = backend.dialog.config_path
+    greedy = json.loads(artifacts.qnn_gen_greedy(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", PRECISION))
+                        .read_text())
+    prompt, host = greedy["prompts"][0], greedy["host"][0]
+    tokens, ttft, decode, _ = backend.timed_generate(np.asarray(prompt), 8)
+    assert backend.describe()["genie_runtime"] == "appbuilder"
+    backend.dialog.abort()
+    backend.close()
+    assert not config_file.exists()  # the resolved config it handed AppBuilder is gone with the dialog
+    assert [c[0] for c in _FakeGenieContext.calls] == ["GenieContext", "SetParams", "Query", "Stop"]
+    assert _FakeGenieContext.calls[1] == ("SetParams", "8", "1.0", "1", "1.0")
+    assert _FakeGenieContext.calls[0][1] == str(config_file)
+    # the prompt and each streamed piece cross AppBuilder's API as text: the builtin tokenizer round-trips them
+    assert tokens == host[:8] and ttft > 0 and len(decode) == 7

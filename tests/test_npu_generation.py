@@ -9,8 +9,10 @@ import onnx
 import pytest
 import torch
 
-from antinet_npu import AntinetError, artifacts, checkpoint, generation, onnx_export, static_llm
-from antinet_npu.onnx_models import cpu_session
+from antinet_npu import AntinetError, artifacts
+from antinet_npu.build import checkpoint, onnx_export, static_llm
+from antinet_npu.build.onnx_models import cpu_session
+from antinet_npu.runtime import generation
 from antinet_npu.signature import Signature
 from conftest import error_line
 
@@ -108,7 +110,7 @@ def test_bad_generation_graph_settings_are_one_line(pipeline, override, expected
 
 @pytest.mark.slow
 def test_compile_gen_ships_one_shared_binary_per_part_and_verifies_unshared_ones(pipeline):
-    from antinet_npu import qnn
+    from antinet_npu.build import qnn
 
     m = json.loads((pipeline.path / "metrics/compile-gen/w8a16.json").read_text())
     assert m["emulated"] is True and m["gate_passed"] is True and m["cpu_compute_nodes"] == 0
@@ -125,8 +127,8 @@ def test_compile_gen_ships_one_shared_binary_per_part_and_verifies_unshared_ones
 
 @pytest.mark.slow
 def test_the_npu_parts_generate_on_the_emulator(pipeline, monkeypatch):
-    from antinet_npu.backends.qnn_ep import QnnHtpBackend
     from antinet_npu.config import load
+    from antinet_npu.runtime.backends.qnn_ep import QnnHtpBackend
 
     m = json.loads((pipeline.path / "metrics/bench-gen/qnn-htp-w8a16.json").read_text())
     assert m["emulated"] is True and m["binaries"] == "unshared (verify/)" and m["p32"]["decode_tokens_per_s"] > 0
@@ -161,7 +163,7 @@ def test_appbuilder_generates_from_the_shared_binaries(pipeline, monkeypatch):
 
     from test_bench import _FakeAppBuilder
 
-    import antinet_npu.backends.appbuilder as ab
+    import antinet_npu.runtime.backends.appbuilder as ab
     from antinet_npu.config import load
 
     monkeypatch.chdir(pipeline.path)
@@ -285,7 +287,7 @@ def test_a_part_is_exported_from_its_own_weights_alone(pipeline, tmp_path):
 
 def test_htp_graphs_keep_the_sessions_of_one_shape_open(tmp_path, monkeypatch):
     """The emulator (and a device process) has a few GB of NPU memory: AR-N and AR-1 contexts never open together."""
-    from antinet_npu import qnn
+    from antinet_npu.build import qnn
     from antinet_npu.signature import ADDITIVE_MASK
 
     opened, closed = [], []

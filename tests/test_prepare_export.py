@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from antinet_npu.onnx_models import cpu_session, run_logits
+from antinet_npu.build.onnx_models import cpu_session, run_logits
 from antinet_npu.signature import KvLayout, Signature
 from conftest import TEST_OVERRIDES, clone_project, error_line
 
@@ -61,8 +61,9 @@ def test_fp32_greedy_generation_equals_pytorch_generate(pipeline):
     """Token for token, on held-out prompts, through the cache; and equal to re-running the whole prefix."""
     import torch
 
-    from antinet_npu import checkpoint, corpus, generation
+    from antinet_npu.build import checkpoint, corpus
     from antinet_npu.config import load
+    from antinet_npu.runtime import generation
 
     cfg = load(pipeline.path / "params.yaml")
     snapshot = pipeline.path / "models/pytorch/tiny-qwen2"

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, TypeProto, helper, numpy_helper
 
 from antinet_npu import AntinetError
-from antinet_npu.quantization import _nbits_pass, fuse_nbits_siblings, integer_zero_points
+from antinet_npu.build.quantization import _nbits_pass, fuse_nbits_siblings, integer_zero_points
 
 
 def _siblings(sizes: tuple[int, ...], k: int, rng):
@@ -65,7 +65,7 @@ def test_hqq_float_zero_points_become_an_integer_kernel_and_a_block_sum_term(fus
 
 def _external_model(path):
     """ids -> embedding Gather -> MatMul -> Add -> MatMul: weights in an external-data file, as every stage saves."""
-    from antinet_npu.onnx_models import save
+    from antinet_npu.build.onnx_models import save
 
     rng = np.random.default_rng(1)
     weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
@@ -115,8 +115,8 @@ def test_fp16_streams_the_weights_and_writes_what_the_converter_does(tmp_path, m
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from antinet_npu.build.quantization import fp16
     from antinet_npu.config import RecipeConfig
-    from antinet_npu.quantization import fp16
 
     monkeypatch.chdir(tmp_path)
     _external_model(tmp_path / "m.onnx")
@@ -134,8 +134,8 @@ def test_dynamic_int8_never_loads_the_weights_and_writes_what_onnxruntime_does(t
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from antinet_npu.build.quantization import dynamic_int8
     from antinet_npu.config import RecipeConfig
-    from antinet_npu.quantization import dynamic_int8
 
     monkeypatch.chdir(tmp_path)
     _external_model(tmp_path / "m.onnx")
@@ -175,7 +175,7 @@ def _norm_and_gated_mlp(rng, k=64, inner=96, outlier=40.0):
 def test_smoothing_keeps_the_float_graph_and_helps_int8_activations():
     """Scales folded into the gain and up_proj's columns: the float outputs stay (relative to their scale), the graph
     keeps its nodes, and the int8 block-wise activations of MatMulNBits lose less to the outlier channel."""
-    from antinet_npu import smoothing
+    from antinet_npu.build import smoothing
 
     rng = np.random.default_rng(0)
     model, x = _norm_and_gated_mlp(rng)
@@ -204,7 +204,7 @@ def test_smoothing_keeps_the_float_graph_and_helps_int8_activations():
 
 def test_smoothing_gives_a_shared_gain_a_copy_per_norm():
     """Untrained norms have identical gains, which an export may share: each smoothed norm gets its own."""
-    from antinet_npu import smoothing
+    from antinet_npu.build import smoothing
 
     rng = np.random.default_rng(2)
     w = {"g": np.ones(32, np.float32), **{f"w{i}": rng.standard_normal((32, 16)).astype(np.float32) for i in (1, 2)}}

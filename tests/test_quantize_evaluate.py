@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from antinet_npu.onnx_models import save
+from antinet_npu.build.onnx_models import save
 from conftest import TEST_OVERRIDES, clone_project, error_line, reproduce, run_cli
 
 pytestmark = pytest.mark.slow

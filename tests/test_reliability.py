@@ -33,7 +33,8 @@ def test_committed_dvc_lock_matches_the_committed_code():
 
 
 def test_corpus_windows_reject_nonsense_lengths():
-    from antinet_npu import AntinetError, corpus
+    from antinet_npu import AntinetError
+    from antinet_npu.build import corpus
 
     with pytest.raises(AntinetError, match="length >= 1 and a count >= 0, got 0 and 1"):
         corpus.windows(None, [], 0, 1, "evaluation")
@@ -158,7 +159,7 @@ def test_bench_logs_are_cached_outputs():
 def test_an_unreachable_hub_is_detected_at_once(monkeypatch):
     import socket
 
-    from antinet_npu import checkpoint
+    from antinet_npu.build import checkpoint
 
     def refuse(*args, **kwargs):
         raise OSError("network unreachable")

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from antinet_npu import AntinetError, fidelity, quantization, sensitivity
+from antinet_npu import AntinetError
+from antinet_npu.build import quantization, sensitivity
 from antinet_npu.config import MixedConfig, ProbeConfig
+from antinet_npu.measure import fidelity
 from conftest import clone_project, error_line, run_cli
 
 LAYERS = 4  # tiny-qwen2

@@ -165,9 +165,10 @@ def _chat(server, **extra):
 def test_openai_endpoints_stream_what_they_answer_and_infer_uses_the_cache(pipeline):
     import numpy as np
 
-    from antinet_npu import checkpoint, generation
-    from antinet_npu.backends.ort_cpu import OrtCpuBackend
+    from antinet_npu.build import checkpoint
     from antinet_npu.config import load
+    from antinet_npu.runtime import generation
+    from antinet_npu.runtime.backends.ort_cpu import OrtCpuBackend
 
     server = Server(pipeline.path, "serve.run=ort-cpu-fp32-32", "serve.warmup=1")
     try:

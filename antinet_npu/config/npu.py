@@ -150,6 +150,9 @@ class CompileConfig:
         return self.gate(precision).mode or self.mode
 
 
+GENIE_RUNTIMES = ("auto", "libgenie", "appbuilder")
+
+
 @dataclass
 class GenieConfig:
     """Genie bundles (stage `genie`, one per compile.generation.precisions entry) and their check by Genie itself."""
@@ -165,6 +168,10 @@ class GenieConfig:
     n_threads: int = field(default=3, metadata=doc("the shipped config's engine n-threads"))
     graph_switching: bool = field(default=False, metadata=doc(
         "Genie's enable-graph-switching: one AR variant's graphs resident at a time (both configs)"))
+    runtime: str = field(default="auto", metadata=doc(
+        "how the genie backend runs a bundle: libgenie (Genie's C API, the onnxruntime-qnn wheel's or a device's "
+        "libGenie), appbuilder (QAI AppBuilder's GenieContext, Windows on Snapdragon), auto (appbuilder where it is "
+        "installed, else libgenie)"))
 
     def check(self) -> None:
         require(0 <= self.min_host_agreement <= 1, f"genie.min_host_agreement must be 0..1, got "
@@ -173,3 +180,5 @@ class GenieConfig:
                 f"genie.min_fp32_agreement must be null or 0..1, got {self.min_fp32_agreement}")
         require(self.mode in GATE_MODES, f"genie.mode must be one of {', '.join(GATE_MODES)}")
         require(self.n_threads >= 1, f"genie.n_threads must be >= 1, got {self.n_threads}")
+        require(self.runtime in GENIE_RUNTIMES, f"genie.runtime must be one of {', '.join(GENIE_RUNTIMES)}, got "
+                                                f"{self.runtime!r}")

@@ -9,9 +9,11 @@ from omegaconf import MISSING
 
 from antinet_npu.config.npu import HTP_PERF_MODES
 from antinet_npu.config.schema import doc, require
+from antinet_npu.runtime.backends.registry import SPECS
 
-BACKENDS = ("torch", "ort-cpu", "qnn-htp", "qnn-gpu", "qai-appbuilder", "ort-genai", "genie")
-GENERATION_ONLY = ("ort-genai", "genie")  # they sample for themselves or are benchmarked on generation only
+BACKENDS = tuple(SPECS)
+SINGLE_PASS_BACKENDS = tuple(n for n, s in SPECS.items() if s.single_pass)
+GENERATION_BACKENDS = tuple(n for n, s in SPECS.items() if s.generation)
 GENAI_PRECISIONS = ("int4", "int8", "fp16", "fp32")
 
 
@@ -19,7 +21,7 @@ GENAI_PRECISIONS = ("int4", "int8", "fp16", "fp32")
 class BenchRunConfig:
     """One benchmark: a backend running one artifact at one sequence length (key: <backend>-<precision>-<S>)."""
 
-    backend: str = field(default=MISSING, metadata=doc(", ".join(BACKENDS)))
+    backend: str = field(default=MISSING, metadata=doc(", ".join(SINGLE_PASS_BACKENDS)))
     precision: str = field(default=MISSING, metadata=doc("fp32, a quantize precision, or an NPU precision"))
     seq_len: int = field(default=MISSING)
     model: str = field(default=MISSING, metadata=doc("artifact under models/ that the backend loads"))
@@ -30,7 +32,7 @@ class BenchRunConfig:
 class GenRunConfig:
     """One generation benchmark: a backend generating from one artifact (key: <backend>-<precision>[-nocache])."""
 
-    backend: str = field(default=MISSING, metadata=doc("ort-cpu | torch | ort-genai | qnn-htp | genie"))
+    backend: str = field(default=MISSING, metadata=doc(" | ".join(GENERATION_BACKENDS)))
     precision: str = field(default=MISSING)
     model: str = field(default=MISSING, metadata=doc("artifact under models/ that the backend loads"))
     weights: str = field(default=MISSING, metadata=doc("its weights under models/ (so DVC sees changes)"))
@@ -62,9 +64,9 @@ class GenerationBenchConfig:
             require(p in GENAI_PRECISIONS, f"bench.generation.genai_precisions: {p!r} is not one of "
                      f"{', '.join(GENAI_PRECISIONS)}")
         for key, run in self.runs.items():
-            require(run.backend in ("ort-cpu", "torch", "ort-genai", "qnn-htp", "genie"),
-                     f"bench.generation.runs.{key}: backend {run.backend!r} cannot generate: use ort-cpu, torch, "
-                     "ort-genai, qnn-htp (the compile-gen parts) or genie (the Genie bundle)")
+            require(run.backend in GENERATION_BACKENDS,
+                     f"bench.generation.runs.{key}: backend {run.backend!r} cannot generate: use one of "
+                     f"{', '.join(GENERATION_BACKENDS)} (qnn-htp: the compile-gen parts; genie: the Genie bundle)")
             require(run.new_tokens is None or run.new_tokens > 1,
                      f"bench.generation.runs.{key}.new_tokens must be > 1 or null, got {run.new_tokens}")
             expected = f"{run.backend}-{run.precision}" + ("" if run.cache else "-nocache")
@@ -96,9 +98,8 @@ class BenchConfig:
             require(name in BACKENDS, f"unknown backend {name!r} in bench.fallback: choose from {', '.join(BACKENDS)}")
         self.generation.check()
         for key, run in self.runs.items():
-            single_pass = [b for b in BACKENDS if b not in GENERATION_ONLY]
-            require(run.backend in single_pass, f"bench.runs.{key}: unknown backend {run.backend!r} for single "
-                     f"passes: choose one of {', '.join(single_pass)}")
+            require(run.backend in SINGLE_PASS_BACKENDS, f"bench.runs.{key}: unknown backend {run.backend!r} for "
+                     f"single passes: choose one of {', '.join(SINGLE_PASS_BACKENDS)}")
             require(key == f"{run.backend}-{run.precision}-{run.seq_len}",
                      f"bench.runs.{key} must be named {run.backend}-{run.precision}-{run.seq_len}")
 

@@ -1,0 +1,1 @@
+"""Measuring: fidelity, timing, provenance, the report and the verdict."""

@@ -1,0 +1,1 @@
+"""Running: the backends, the generation loop and its sessions, Genie, the HTTP server."""
