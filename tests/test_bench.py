@@ -127,7 +127,7 @@ def test_missing_artifact_names_the_stage(pipeline, tmp_path):
     project = clone_project(pipeline.path, tmp_path / "p")
     (project / "models/onnx/tiny-qwen2-fp16.onnx").unlink()
     line = error_line(run_cli(project, "bench", "--run", "ort-cpu-fp16-32"), "bench")
-    assert "tiny-qwen2-fp16.onnx not found for bench run ort-cpu-fp16-32 on ort-cpu: run `dvc repro`" in line
+    assert "tiny-qwen2-fp16.onnx not found for run ort-cpu-fp16-32 on ort-cpu: run `dvc repro`" in line
 
 
 class _FakeAppBuilder:

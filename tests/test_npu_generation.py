@@ -13,6 +13,7 @@ from antinet_npu import AntinetError, artifacts
 from antinet_npu.build import checkpoint, onnx_export, static_llm
 from antinet_npu.build.onnx_models import cpu_session
 from antinet_npu.runtime import generation
+from antinet_npu.runtime.backends.base import GENERATION
 from antinet_npu.signature import Signature
 from conftest import error_line
 
@@ -134,7 +135,7 @@ def test_the_npu_parts_generate_on_the_emulator(pipeline, monkeypatch):
     assert m["emulated"] is True and m["binaries"] == "unshared (verify/)" and m["p32"]["decode_tokens_per_s"] > 0
     monkeypatch.chdir(pipeline.path)
     backend = QnnHtpBackend(load(pipeline.path / "params.yaml"), "burst")
-    backend.load(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16"))
+    backend.load(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16"), GENERATION)
     stepper = backend.stepper()
     tokens = list(generation.generate(stepper, np.arange(40, 80), 6))
     assert len(tokens) == 6 and stepper.length == 40 + 5
@@ -143,7 +144,7 @@ def test_the_npu_parts_generate_on_the_emulator(pipeline, monkeypatch):
     backend.close()
     other = QnnHtpBackend(load(pipeline.path / "params.yaml", ["compile.generation.parts=4"]), "burst")
     with pytest.raises(AntinetError, match="was built for AR-1, context 256, 2 parts.*re-run `dvc repro compile-gen`"):
-        other.load(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16"))
+        other.load(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16"), GENERATION)
 
 
 @pytest.mark.slow
@@ -188,7 +189,7 @@ def test_appbuilder_generates_from_the_shared_binaries(pipeline, monkeypatch):
     monkeypatch.setitem(sys.modules, "qai_appbuilder", fake.module)
     monkeypatch.setattr(ab, "_configured", False)
     backend = ab.AppBuilderBackend(load(pipeline.path / "params.yaml"), "burst")
-    backend.load(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16"))
+    backend.load(pipeline.path / artifacts.qnn_gen_dir("tiny-qwen2", "w8a16"), GENERATION)
     prompt = np.arange(100, 140)
     got = list(generation.generate(backend.stepper(), prompt, 8))
     backend.close()
