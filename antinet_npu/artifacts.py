@@ -18,7 +18,6 @@ from typing import Any
 from antinet_npu import AntinetError
 
 MODELS = Path("models")
-METRICS = Path("metrics")
 REPORTS = Path("reports")
 LOGS = Path("logs")
 
@@ -179,20 +178,6 @@ def staged_files(dest: Path) -> Iterator[Path]:
         yield tmp
         for item in sorted(tmp.iterdir()):
             os.replace(item, dest / item.name)
-
-
-def read_metrics(folder: Path) -> dict[str, dict]:
-    """Every metrics file in `folder`, by file stem; a damaged one is a one-line error naming it."""
-    out = {}
-    for path in sorted(folder.glob("*.json")):
-        try:
-            out[path.stem] = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise AntinetError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}): re-run the stage that "
-                               "writes it (`dvc repro`)") from None
-        if not isinstance(out[path.stem], dict):
-            raise AntinetError(f"{path} does not hold a metrics object: re-run the stage that writes it")
-    return out
 
 
 def write_text(path: Path, text: str) -> None:

@@ -8,7 +8,6 @@ into metrics/devices/<device>/ are judged the same way. Emulated timings are sho
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -27,13 +26,12 @@ def expected_results(cfg: Config) -> dict[str, list[str]]:
             "compile-gen": list(cfg.compile.generation.precisions)}
 
 
-def _read(path: Path) -> tuple[dict | None, str | None]:
-    """(metrics, None) or (None, what is wrong with the file)."""
+def _read(kind: M.MetricsFile, key: str, root: Path) -> tuple[dict | None, str | None]:
+    """(metrics, None) or (None, what is wrong with the file): verify lists every problem instead of stopping."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        return None, f"{path} is damaged ({str(exc).splitlines()[0][:120]}): re-run the stage that writes it"
-    return (data, None) if isinstance(data, dict) else (None, f"{path} does not hold a metrics object")
+        return kind.read_one(key, root), None
+    except AntinetError as exc:
+        return None, str(exc)
 
 
 def _number(m: dict, key: str) -> float | None:
@@ -71,7 +69,7 @@ def verify(cfg: Config, root: Path = METRICS) -> tuple[list[str], list[str]]:
             if not path.is_file():
                 problems.append(f"{kind} {name}: no result ({path} missing): run `dvc repro`")
                 continue
-            m, error = _read(path)
+            m, error = _read(M.KINDS[kind], name, root)
             if error:
                 problems.append(f"{kind} {name}: {error}")
             elif m.get("model") != model:
@@ -85,7 +83,7 @@ def verify(cfg: Config, root: Path = METRICS) -> tuple[list[str], list[str]]:
     for device in M.devices(root):
         results = {}
         for path in sorted(M.BENCH.folder(device).glob("*.json")):
-            m, error = _read(path)
+            m, error = _read(M.BENCH, path.stem, device)
             if error:
                 problems.append(f"device {device.name}: {error}")
             else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -14,8 +13,6 @@ from antinet_npu.signature import Signature
 
 if TYPE_CHECKING:
     from antinet_npu.config import Config
-
-log = logging.getLogger(__name__)
 
 SINGLE_PASS, GENERATION = "single-pass", "generation"  # what a run asks of its backend: the graph kind it loads
 
