@@ -377,6 +377,12 @@ class Dialog:
         if self.handle:
             self.api.lib.GenieDialog_signal(self.handle, _ACTION_ABORT)
 
+    def __del__(self) -> None:
+        # a dialog dropped unclosed leaves libGenie holding a log callback Python frees with this object: free the
+        # native side first (suspected cause of a segfault in a frameless thread, once, in a full test run)
+        with contextlib.suppress(Exception):
+            self.close()
+
     def close(self) -> None:
         lib = self.api.lib
         if self.handle:
