@@ -10,7 +10,8 @@ TORCH := torch==2.13.0
 PINS  := transformers==5.24.0 tokenizers==0.23.3 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 \
          onnxruntime-qnn==2.7.0 dvc==3.67.1 hydra-core==1.3.8 numpy==2.4.6 psutil==7.2.2 \
          fastapi==0.165.0 uvicorn==0.54.0 gguf==0.19.0 accelerate==1.15.0 \
-         onnxruntime-genai==0.18.0 ruamel.yaml.clib==0.2.15
+         onnxruntime-genai==0.18.0 ruamel.yaml.clib==0.2.15 \
+         prometheus_client==0.26.0 openai==3.63.0 pillow==13.0.0
 
 .PHONY: install repro test test-fast real-model shape-1.5b clean-venv
 

@@ -82,13 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
     p.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
 
-    p = sub.add_parser("serve", help="HTTP API on one loaded model (503 until loaded)",
-                       description="Serve /api/health, /api/infer and /api/performance/benchmark on one model "
-                       "(serve.run, a key of bench.runs). The model loads in the background; 503 until it is ready.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("serve", help="HTTP API on one loaded model: OpenAI-compatible completions, metrics, dashboard",
+                       description="Serve one model (serve.run: a key of bench.runs or bench.generation.runs). The "
+                       "model loads in the background; model endpoints answer 503 until it is ready.\n\n"
+                       "Endpoints:\n"
+                       "  POST /v1/completions, /v1/chat/completions   OpenAI's protocol (stream: server-sent events)\n"
+                       "  GET  /v1/models                              the served model\n"
+                       "  POST /api/infer                              next-token top-k + greedy continuation\n"
+                       "  GET  /api/performance/benchmark              single-pass latency at given lengths\n"
+                       "  GET  /api/health                             status, backend, device, queue\n"
+                       "  GET  /metrics                                Prometheus text\n"
+                       "  GET  /api/stats, /dashboard                  recent requests (JSON) and a live page\n\n"
+                       "Limits (serve.*): max_queue (429 beyond), request_timeout_s, max_body_kb (413), max_stop,\n"
+                       "max_new_tokens; prefix_cache_mb; drain_s on SIGTERM; bench_every_s (idle benchmark).\n\n"
+                       + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (serve.port, default 8000)")
-    p.add_argument("--run", help="a key of bench.runs to serve (serve.run), e.g. qnn-htp-w8a16-128")
+    p.add_argument("--run", help="the run to serve (serve.run), e.g. ort-cpu-int8-block or qnn-htp-w8a16")
     _config_arguments(p)
 
     p = sub.add_parser("compose", help="compose conf/ (plus overrides) as DVC does; print it or write params.yaml",
@@ -162,7 +172,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     cfg = config.load(args.params, args.overrides)
     if args.command == "serve":
-        from antinet_npu.runtime import serve
+        try:
+            import prometheus_client  # noqa: F401
+            import uvicorn  # noqa: F401
+
+            from antinet_npu.runtime import serve
+        except ImportError as exc:
+            raise AntinetError(f"the server needs the serve extra ({exc.name} is missing): pip install "
+                               "'antinet-npu[serve]'") from None
 
         for key in ("host", "port", "run"):
             if getattr(args, key) is not None:

@@ -271,7 +271,14 @@ def _copy_with_node_name(ctx, tmp_path, name):
 def test_serve_speaks_openai_over_a_genie_dialog_and_answers_as_the_npu_parts_do(pipeline):
     """`serve.run` names a generation run: the Genie bundle (its dialog, its greedy sampler), or the same NPU parts
     through our host loop; on the builtin model both answer a greedy completion with the same text."""
+    import contextlib
+
+    import numpy as np
     from test_serve import Server
+
+    from antinet_npu.config import load
+    from antinet_npu.runtime import generation
+    from antinet_npu.runtime.backends.registry import open_run
 
     body = {"prompt": "Return the number of items in", "max_tokens": 8, "temperature": 0}
     answers = {}
@@ -286,13 +293,30 @@ def test_serve_speaks_openai_over_a_genie_dialog_and_answers_as_the_npu_parts_do
             answers[run] = answer["choices"][0]["text"]
             if run == "genie-w8a16":
                 kind, events = server.stream("/v1/chat/completions", {
-                    "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "stream": True})
+                    "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "stream": True,
+                    "stream_options": {"include_usage": True}})
                 assert kind.startswith("text/event-stream") and events[-1] == "[DONE]"
                 assert events[-2]["usage"]["completion_tokens"] >= 1
                 status, answer = server.request("/v1/completions", {**body, "temperature": 0.7})
                 assert status == 422 and "own sampler (greedy)" in answer["detail"]
                 status, answer = server.request("/api/infer", {"text": "x", "max_new_tokens": 1})
                 assert status == 422 and "gives no logits" in answer["detail"]
+            else:  # the prefix cache over the NPU parts' slots: a second turn resumes, and answers as a fresh session
+                history = [(7 * k) % 1900 + 3 for k in range(90)]
+                status, first = server.request("/api/infer", {"token_ids": history, "max_new_tokens": 6})
+                turn = history + first["continuation"]["token_ids"] + [11, 12]
+                status, second = server.request("/api/infer", {"token_ids": turn, "max_new_tokens": 6})
+                assert status == 200 and second["cached_tokens"] == len(history) + 5, second
+                with contextlib.chdir(pipeline.path):  # artifacts (parts load with the session) are project-relative
+                    backend, _ = open_run(load("params.yaml"), run)
+                    try:
+                        fresh = list(generation.generate(backend.stepper(), np.array(turn), 6))
+                    finally:
+                        backend.close()
+                assert second["continuation"]["token_ids"] == fresh, (second, fresh)
+                print(f"NPU parts (emulated): second turn of {len(turn)} tokens, first forward "
+                      f"{second['first_forward_ms']:.0f} ms resumed vs {first['first_forward_ms']:.0f} ms cold "
+                      f"for {len(history)} tokens")
         finally:
             server.stop()
     assert answers["genie-w8a16"] == answers["qnn-htp-w8a16"] and answers["genie-w8a16"]

@@ -113,8 +113,21 @@ class ServeConfig:
     port: int = 8000
     warmup: int = field(default=3, metadata=doc("forward passes after loading, before the model is ready"))
     max_new_tokens: int = field(default=64, metadata=doc("upper bound a request may ask for"))
+    max_queue: int = field(default=64, metadata=doc("requests waiting for the model at most; more get 429"))
+    request_timeout_s: float = field(default=300.0, metadata=doc("a request's deadline, queueing included"))
+    max_body_kb: int = field(default=1024, metadata=doc("request bodies larger than this get 413, unread"))
+    max_stop: int = field(default=16, metadata=doc("stop sequences per request at most (each <= 256 characters)"))
+    prefix_cache_mb: float = field(default=256.0, metadata=doc("KV state of recent prompts kept (LRU); 0: off"))
+    drain_s: float = field(default=10.0, metadata=doc("on SIGTERM: time given to requests in flight, then "
+                                                      "they are cancelled"))
+    bench_every_s: float = field(default=0.0, metadata=doc("idle-time benchmark period (/metrics); 0: never"))
 
     def check(self) -> None:
         require(0 < self.port < 65536, f"serve.port must be 1..65535, got {self.port}")
         require(self.warmup >= 0 and self.max_new_tokens >= 0, "serve.warmup and serve.max_new_tokens must be "
                  f">= 0, got {self.warmup} and {self.max_new_tokens}")
+        for key in ("max_queue", "request_timeout_s", "max_body_kb", "max_stop", "drain_s"):
+            require(getattr(self, key) > 0, f"serve.{key} must be > 0, got {getattr(self, key)}")
+        require(self.prefix_cache_mb >= 0 and self.bench_every_s >= 0,
+                 f"serve.prefix_cache_mb and serve.bench_every_s must be >= 0, got {self.prefix_cache_mb} and "
+                 f"{self.bench_every_s}")

@@ -69,7 +69,10 @@ class Sampling:
         def pick(logits: np.ndarray) -> int:
             if self.temperature <= 0:
                 return int(np.argmax(logits))
-            scaled = logits.astype(np.float64) / self.temperature
+            # shifted first: a tiny temperature sends the rest to -inf, never the best to +inf (NaN probabilities)
+            logits = logits.astype(np.float64)
+            with np.errstate(over="ignore"):
+                scaled = (logits - logits.max()) / self.temperature
             if 0 < self.top_k < scaled.size:
                 scaled[np.argpartition(scaled, -self.top_k)[:-self.top_k]] = -np.inf
             probs = np.exp(scaled - scaled.max())
