@@ -360,7 +360,7 @@ def test_prefix_cache_openai_client_metrics_and_dashboard(pipeline, tmp_path):
     from antinet_npu.runtime import generation
     from antinet_npu.runtime.backends.registry import open_run
 
-    server = Server(pipeline.path, "serve.run=ort-cpu-fp32", "serve.warmup=1")
+    server = Server(pipeline.path, "serve.run=ort-cpu-fp32", "serve.warmup=1", "serve.bench_every_s=1")
     try:
         server.wait_ready()
         # a second turn resumes from the first one's session, and generates exactly what a fresh session would
@@ -402,6 +402,10 @@ def test_prefix_cache_openai_client_metrics_and_dashboard(pipeline, tmp_path):
         assert samples[("antinet_tokens_total", (("direction", "out"),))] > 0
         assert samples[("antinet_prefix_cache_hits_total", ())] >= 1
         assert samples[("antinet_model_requests_total", (("outcome", "answered"),))] >= 6
+        deadline = time.monotonic() + 30  # the idle-time benchmark runs once nothing came for bench_every_s
+        while time.monotonic() < deadline and not (_stats(server)["bench"] or {}).get("decode_tokens_per_s"):
+            time.sleep(0.5)
+        assert _stats(server)["bench"]["ttft_ms"] > 0
         info = next(s.labels for s in families["antinet_model_info"].samples)
         assert info["backend"] == "ort-cpu" and info["emulated"] == "False"
 
