@@ -214,8 +214,10 @@ class Engine:
                 job = self.jobs.get(timeout=1.0)
             except queue.Empty:
                 if self.on_idle is not None and self.host.status == "ready":
-                    with contextlib.suppress(Exception):
+                    try:
                         self.on_idle(self)
+                    except Exception as exc:  # the idle benchmark is optional: say why it failed, keep serving
+                        log.warning("idle-time work failed: %s", exc)
                 continue
             if job is None:
                 break

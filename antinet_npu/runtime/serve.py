@@ -272,7 +272,8 @@ def create_app(cfg: Config, host: ModelHost | None = None):
         job = submit(work)
         try:
             while not isinstance(item := await next_item(job, request), (Finished, Failed)):
-                call.cached = item.cached_tokens if isinstance(item, Started) else call.cached
+                if isinstance(item, Started):
+                    call.cached = item.cached_tokens
         finally:
             job.cancel()
         if isinstance(item, Failed):
