@@ -15,6 +15,8 @@ from antinet_npu import AntinetError, __version__
 
 # Stage name -> (one-line description, extra arguments). The stage modules live in the top-level `stages/` folder
 # (installed as antinet_npu.stages) and are imported only when run, so --help stays fast.
+DEVICE = ("--device", dict(metavar="NAME", help="write metrics/devices/NAME/... instead: a device measuring the "
+                                              "builder's artifacts (see `antinet-npu device`)"))
 STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "prepare": ("HF checkpoint (builtin, local directory or hub id) -> models/pytorch/<model>/", []),
     "export": ("PyTorch snapshot -> models/onnx/<model>.onnx, validated against PyTorch", []),
@@ -40,12 +42,14 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
               "by Genie itself",
               [("--precision", dict(required=True, help="a key of compile.recipes built by compile-gen, e.g. w8a16"))]),
     "bench": ("latency of one forward pass on one backend -> metrics/bench/<run>.json",
-              [("--run", dict(required=True, help="a key of bench.runs, e.g. ort-cpu-int8-block-128"))]),
+              [("--run", dict(required=True, help="a key of bench.runs, e.g. ort-cpu-int8-block-128")),
+               DEVICE]),
     "export-genai": ("PyTorch snapshot -> models/genai/<model>-<precision>/ by onnxruntime-genai's model builder "
                      "(the CPU generation peer)",
                      [("--precision", dict(required=True, help="int4, int8, fp16 or fp32"))]),
     "bench-gen": ("prefill + decode: time to first token and decode tokens/s -> metrics/bench-gen/<run>.json",
-                  [("--run", dict(required=True, help="a key of bench.generation.runs, e.g. ort-cpu-int8-block"))]),
+                  [("--run", dict(required=True, help="a key of bench.generation.runs, e.g. ort-cpu-int8-block")),
+                   DEVICE]),
     "report": ("reports/summary.md, reports/benchmark.json (the seed's schema) and plot data from the metrics", []),
 }
 
@@ -99,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (serve.port, default 8000)")
     p.add_argument("--run", help="the run to serve (serve.run), e.g. ort-cpu-int8-block or qnn-htp-w8a16")
+    _config_arguments(p)
+
+    p = sub.add_parser("device", help="on a device clone: fetch what the NPU runs load from the builder's DVC remote, "
+                       "measure them into metrics/devices/NAME/", description="Run on the machine that measures (a "
+                       "Windows-on-Snapdragon laptop): fetches from the DVC remote only what the runs load (the "
+                       "tokenizer, binaries or Genie bundle and their signatures; sizes logged), nothing upstream "
+                       "runs, then runs `bench` / `bench-gen --device NAME` for each, in its own process. Commit "
+                       "metrics/devices/NAME/ and push it with git; `dvc repro report` on the builder ranks them.\n\n"
+                       + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="the device's folder under metrics/devices/, e.g. x-elite-laptop")
+    p.add_argument("--run", action="append", default=[], dest="runs", metavar="KEY",
+                   help="a key of bench.runs or bench.generation.runs (repeatable; default: every NPU run)")
+    p.add_argument("--remote", help="the DVC remote to fetch from (default: the configured default remote)")
+    p.add_argument("--no-fetch", dest="fetch", action="store_false",
+                   help="use the artifacts already in the workspace")
     _config_arguments(p)
 
     p = sub.add_parser("compose", help="compose conf/ (plus overrides) as DVC does; print it or write params.yaml",
@@ -186,6 +205,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 setattr(cfg.serve, key, getattr(args, key))
         config.validate(cfg, source="command line")  # the flags obey the same rules as params
         return serve.main(cfg)
+    if args.command == "device":
+        from antinet_npu import sharing
+
+        return 1 if sharing.run_on_device(cfg, args.name, args.runs, args.remote, args.fetch) else 0
     options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "verbose", "overrides", "params")}
     _stage_module(args.command.replace("-", "_")).run(cfg, **options)
     return 0

@@ -8,6 +8,7 @@ kind's `records` is refused when written (a stage that forgot to say where it ra
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,17 @@ SPEEDUP = MetricsFile("speedup", records=(), provenance=False)  # report's ratio
 
 KINDS = {k.stage: k for k in (PREPARE, EXPORT, SENSITIVITY, QUANTIZE, EVALUATE, EXPORT_NPU, EXPORT_NPU_GEN, COMPILE,
                               COMPILE_GEN, GENIE, EXPORT_GENAI, BENCH, BENCH_GEN, SPEEDUP)}
+
+
+def device_root(device: str | None, root: Path = ROOT) -> Path:
+    """Where a machine's metrics go: this one's (`metrics/`), or those of a device measuring the builder's artifacts
+    (`antinet-npu device`, `bench --device`)."""
+    if device is None:
+        return root
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", device):
+        raise AntinetError(f"device name {device!r} must be one folder name (letters, digits, '.', '_', '-'), e.g. "
+                           "x-elite-laptop")
+    return root / DEVICES / device
 
 
 def devices(root: Path = ROOT) -> list[Path]:

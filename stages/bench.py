@@ -2,7 +2,8 @@
 
 The seed's protocol: preload, warm up (bench.warmup), time bench.iterations forward passes of S tokens of held-out
 text, log every latency, and compare with the budget (bench.budget_ms). Writes metrics/bench/<run>.json (scalars)
-and logs/bench/<run>.log (every timed latency).
+and logs/bench/<run>.log (every timed latency); with `--device NAME` (a device measuring the builder's
+artifacts) metrics/devices/<NAME>/bench/<run>.json and logs/devices/<NAME>/bench/<run>.log instead.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from antinet_npu.build import checkpoint, corpus
 from antinet_npu.config import Config
 from antinet_npu.measure.provenance import record
 from antinet_npu.measure.timing import LatencyTracker
-from antinet_npu.metrics import BENCH
+from antinet_npu.metrics import BENCH, device_root
 from antinet_npu.runtime.backends.registry import open_run
 
 log = logging.getLogger("bench")
 LOGS = artifacts.LOGS / "bench"
 
 
-def run(cfg: Config, run: str) -> dict:
+def run(cfg: Config, run: str, device: str | None = None) -> dict:
+    root = device_root(device)  # a bad device name fails before anything is measured
     bc = cfg.bench
     if run not in bc.runs:
         raise AntinetError(f"unknown bench run {run!r}: bench.runs has {', '.join(bc.runs)}")
@@ -55,10 +57,11 @@ def run(cfg: Config, run: str) -> dict:
     metrics = record(model=cfg.model.name, run=run, precision=spec.precision, seq_len=spec.seq_len, **what_ran,
                      warmup=bc.warmup, **stats,
                      budget_ms=bc.budget_ms, within_budget=within, load_seconds=round(load_seconds, 3))
-    LOGS.mkdir(parents=True, exist_ok=True)
-    artifacts.write_text(LOGS / f"{run}.log", "".join(f"run {i + 1} latency_ms {ms:.3f}\n"
+    logs = LOGS if device is None else artifacts.LOGS / "devices" / device / "bench"
+    logs.mkdir(parents=True, exist_ok=True)
+    artifacts.write_text(logs / f"{run}.log", "".join(f"run {i + 1} latency_ms {ms:.3f}\n"
                                                       for i, ms in enumerate(tracker.latencies_ms)))
-    BENCH.write(metrics, run)
+    BENCH.write(metrics, run, root)
     tag = " [EMULATED: not NPU latency]" if described["emulated"] else ""
     log.info("%s: avg %.2f ms (min %.2f, max %.2f, p90 %.2f), %.2f QPS, %.0f tokens/s%s", run,
              stats["avg_latency_ms"], stats["min_latency_ms"], stats["max_latency_ms"], stats["p90_latency_ms"],

@@ -3,7 +3,8 @@
 Per prompt length P (bench.generation.prompt_lens, held-out text): warm-up, then timed greedy generations of G new
 tokens. Time to first token = prompt in -> first new token's logits out; decode = every later token, one step each.
 A `-nocache` run re-runs the whole prefix for every token (what a single-pass graph can do), for comparison.
-Writes metrics/bench-gen/<run>.json: one block of figures per P.
+Writes metrics/bench-gen/<run>.json: one block of figures per P (with `--device NAME`,
+metrics/devices/<NAME>/bench-gen/<run>.json).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from antinet_npu.build import checkpoint, corpus
 from antinet_npu.config import Config
 from antinet_npu.measure.provenance import record
 from antinet_npu.measure.timing import GenerationTracker
-from antinet_npu.metrics import BENCH_GEN
+from antinet_npu.metrics import BENCH_GEN, device_root
 from antinet_npu.runtime import generation
 from antinet_npu.runtime.backends.registry import open_run
 
 log = logging.getLogger("bench-gen")
 
 
-def run(cfg: Config, run: str) -> dict:
+def run(cfg: Config, run: str, device: str | None = None) -> dict:
+    root = device_root(device)  # a bad device name fails before anything is measured
     gc_ = cfg.bench.generation
     if run not in gc_.runs:
         raise AntinetError(f"unknown generation run {run!r}: bench.generation.runs has {', '.join(gc_.runs)}")
@@ -66,5 +68,5 @@ def run(cfg: Config, run: str) -> dict:
         backend.close()
     metrics = record(model=cfg.model.name, run=run, precision=spec.precision, **described, kv_cache=spec.cache,
                      new_tokens=new_tokens, warmup=gc_.warmup, load_seconds=round(load_seconds, 3), **results)
-    BENCH_GEN.write(metrics, run)
+    BENCH_GEN.write(metrics, run, root)
     return metrics

@@ -84,6 +84,16 @@ def test_a_device_result_is_merged_and_ranked_first_when_fastest(root):
     assert "| NPU | qai-appbuilder w8a16 | x-elite-laptop (hexagon-npu) |" in summary and "| 1 of 2 |" in summary
 
 
+def test_a_device_generation_run_is_listed_under_its_device_never_mixed_with_this_machines(root):
+    m = dict(metrics.BENCH_GEN.read_one("genie-w8a16", root), device="hexagon-npu", emulated=False)
+    folder = metrics.BENCH_GEN.folder(root / metrics.DEVICES / "x-elite-laptop")
+    folder.mkdir(parents=True)
+    (folder / "genie-w8a16.json").write_text(json.dumps(m))
+    lines = "\n".join(reporting.generation_lines(MODEL))
+    assert "| genie-w8a16 @ x-elite-laptop | genie | w8a16 |" in lines
+    assert "| genie-w8a16 | genie (emulated) | w8a16 |" in lines
+
+
 def test_a_damaged_fixture_is_one_line_naming_it(root):
     (root / "bench" / "torch-fp32-32.json").write_text("{not json")
     with pytest.raises(AntinetError, match=r"metrics/bench/torch-fp32-32.json is damaged .*dvc repro bench"):

@@ -188,14 +188,16 @@ def sensitivity_rows(model: str, root: Path = METRICS) -> list[dict]:
 
 
 def _generation_runs(model: str, root: Path) -> list[tuple[str, dict, int, dict]]:
-    """(run, metrics, prompt length, figures at that length) of every bench-gen run of `model`, by run then P."""
+    """(run, metrics, prompt length, figures at that length) of every bench-gen run of `model`, by run then P; a
+    device's runs (metrics/devices/<device>/bench-gen/) as "<run> @ <device>"."""
     out = []
-    for run, m in M.BENCH_GEN.read(root).items():
-        if m.get("model") != model:
-            continue
-        for key, figures in m.items():
-            if key.startswith("p") and key[1:].isdigit() and isinstance(figures, dict):
-                out.append((run, m, int(key[1:]), figures))
+    for folder, suffix in [(root, ""), *((d, f" @ {d.name}") for d in M.devices(root))]:
+        for run, m in M.BENCH_GEN.read(folder).items():
+            if m.get("model") != model:
+                continue
+            for key, figures in m.items():
+                if key.startswith("p") and key[1:].isdigit() and isinstance(figures, dict):
+                    out.append((run + suffix, m, int(key[1:]), figures))
     return sorted(out, key=lambda r: (r[0], r[2]))
 
 
