@@ -6,6 +6,8 @@ included); each graph compiled alone into `verify/` (every node must land in QNN
 over one copy of the weights (`ep.share_ep_contexts`), the binary shipped for the device. The x86_64 emulator cannot
 load a shared binary (it crashes), so the graphs are verified from the unshared binaries of the very same QDQ models:
 teacher-forced fidelity on held-out windows and greedy generation vs the FP32 parts, labelled `emulated`.
+A recipe with method fp16 skips calibration and QDQ: the float graphs themselves, compiled at fp16 precision, with
+float32 I/O (the float reference on the NPU: its greedy tokens are what a quantized recipe's are judged against).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from antinet_npu import AntinetError, artifacts
 from antinet_npu.build import checkpoint, corpus, onnx_models, qnn, quantization, sensitivity
@@ -55,17 +58,20 @@ def run(cfg: Config, precision: str) -> dict:
 
     start = time.perf_counter()
     traces: dict = {}
-    trace_generation(open_parts(fp32, onnx_models.cpu_session, traces), calib, gen.calib_new_tokens)
-    log.info("calibration traces: %d prompts x (prefill + %d decode steps): %s (%.0f MB kept)", len(calib),
-             gen.calib_new_tokens, ", ".join(f"AR-{ar} part {i}: {len(v)}" for (ar, i), v in sorted(traces.items())),
-             sum(x.nbytes for v in traces.values() for t in v for x in t.feeds.values()) / 1e6)
+    if not recipe.fp16:  # fp16 quantizes nothing: no calibration
+        trace_generation(open_parts(fp32, onnx_models.cpu_session, traces), calib, gen.calib_new_tokens)
+        log.info("calibration traces: %d prompts x (prefill + %d decode steps): %s (%.0f MB kept)", len(calib),
+                 gen.calib_new_tokens,
+                 ", ".join(f"AR-{ar} part {i}: {len(v)}" for (ar, i), v in sorted(traces.items())),
+                 sum(x.nbytes for v in traces.values() for t in v for x in t.feeds.values()) / 1e6)
 
     # one encoding per tensor that several graphs read or write (a layer's cache: in and out, AR-N and AR-1; the
     # hidden state between two parts; the mask and rotary tables every graph takes): integer I/O then passes from one
     # graph to the next as raw bytes, and Genie, which fills one buffer per name, refuses anything else ("Non-identical
     # quantization parameters found for the same tensor")
     first = Signature.read(fp32[n][0])
-    ranges = _shared_ranges(traces, first.mask_value, first.rope.scaling) if gen.quantized_io else {}
+    quantized_io = gen.quantized_io and not recipe.fp16  # fp16: float32 I/O, as the float graph has it
+    ranges = _shared_ranges(traces, first.mask_value, first.rope.scaling) if quantized_io else {}
     float_edges = ("hidden_states_",) if recipe.float_residual else ()  # the residual stream stays float by design
     ranges = {k: v for k, v in ranges.items() if not k.startswith(float_edges or ("\0",))}
     encodings: dict[tuple[int, int], dict] = {}
@@ -82,9 +88,9 @@ def run(cfg: Config, precision: str) -> dict:
             part = {"quantize_seconds": 0.0, "compile_seconds": 0.0, "cpu_compute_nodes": 0, "compute_nodes": 0}
             for ar in (n, 1):
                 t = time.perf_counter()
-                qdq_model = quantization.qdq_static(fp32[ar][i], recipe, (t.full() for t in traces.pop((ar, i))), keep,
-                                                    ranges)
-                encodings[ar, i] = quantization.quantized_io(qdq_model, float_edges) if gen.quantized_io else {}
+                qdq_model = onnx.load(fp32[ar][i]) if recipe.fp16 else \
+                    quantization.qdq_static(fp32[ar][i], recipe, (t.full() for t in traces.pop((ar, i))), keep, ranges)
+                encodings[ar, i] = quantization.quantized_io(qdq_model, float_edges) if quantized_io else {}
                 part["compute_nodes"] += sum(x.op_type not in qnn.BOUNDARY_OPS for x in qdq_model.graph.node)
                 qdq = artifacts.qnn_gen_qdq(tmp, ar, i)
                 onnx_models.save(qdq_model, qdq)
@@ -95,7 +101,7 @@ def run(cfg: Config, precision: str) -> dict:
                 part["quantize_seconds"] += time.perf_counter() - t
                 t = time.perf_counter()
                 ctx = artifacts.qnn_gen_ctx(tmp, ar, i, verify=True)
-                qnn.compile_context(qdq, ctx, cfg.target, cc.allow_cpu_fallback)
+                qnn.compile_context(qdq, ctx, cfg.target, cc.allow_cpu_fallback, recipe.fp16)
                 part["cpu_compute_nodes"] += len(qnn.nodes_outside_context(ctx)[1])
                 qnn.name_graphs({ctx: signature.part.graph_name(ar, gen.context_length)})
                 signature.write(ctx)
@@ -105,10 +111,12 @@ def run(cfg: Config, precision: str) -> dict:
             t = time.perf_counter()
             shipped = [artifacts.qnn_gen_ctx(tmp, ar, i) for ar in (n, 1)]
             if gen.share:
-                qnn.compile_shared([artifacts.qnn_gen_qdq(tmp, ar, i) for ar in (n, 1)], shipped, cfg.target)
+                qnn.compile_shared([artifacts.qnn_gen_qdq(tmp, ar, i) for ar in (n, 1)], shipped, cfg.target,
+                                   recipe.fp16)
             else:
                 for ar, ctx in zip((n, 1), shipped):
-                    qnn.compile_context(artifacts.qnn_gen_qdq(tmp, ar, i), ctx, cfg.target, cc.allow_cpu_fallback)
+                    qnn.compile_context(artifacts.qnn_gen_qdq(tmp, ar, i), ctx, cfg.target, cc.allow_cpu_fallback,
+                                        recipe.fp16)
             qnn.name_graphs({ctx: Signature.read(fp32[ar][i]).part.graph_name(ar, gen.context_length)
                              for ar, ctx in zip((n, 1), shipped)})
             for k, (ar, ctx) in enumerate(zip((n, 1), shipped)):  # graph k of the part's binary: compile order
@@ -164,16 +172,18 @@ def run(cfg: Config, precision: str) -> dict:
             model=model, precision=precision, backend="qnn-htp", device=qnn.device_name(), emulated=qnn.emulated(),
             target=cfg.target.name, soc_model=cfg.target.soc_model, htp_arch=cfg.target.htp_arch,
             prefill_len=n, context_length=gen.context_length, num_parts=gen.parts,
-            activation_type=recipe.activation_type, weight_type=recipe.weight_type,
-            kv_type=recipe.kv_type or recipe.activation_type, float_residual=recipe.float_residual,
-            quantized_io=gen.quantized_io,
+            method=recipe.method, **({"activation_type": "float16", "weight_type": "float16", "kv_type": "float32"}
+                                     if recipe.fp16 else
+                                     {"activation_type": recipe.activation_type, "weight_type": recipe.weight_type,
+                                      "kv_type": recipe.kv_type or recipe.activation_type}),
+            float_residual=recipe.float_residual, quantized_io=quantized_io,
             **sensitivity.mixed_metrics(recipe.mixed, kept, [x for nodes in part_nodes for g in kept
                                                              for x in nodes.get(g, [])]),
             shared=gen.share, verified_binaries="unshared (verify/): the emulator cannot load a shared binary",
             shipped_binaries="shared: one per part, AR-N and AR-1" if gen.share else "unshared",
             parts=parts_metrics, bin_mb=round(sum(p["bin_mb"] for p in parts_metrics.values()), 3), **io,
             cpu_compute_nodes=sum(p["cpu_compute_nodes"] for p in parts_metrics.values()),
-            calib_prompts=len(calib), samples=len(held_out), window_len=int(held_out.shape[1]), **result,
+            calib_prompts=0 if recipe.fp16 else len(calib), samples=len(held_out), window_len=int(held_out.shape[1]), **result,
             **agreement, gen_prompts=len(prompts), gen_tokens=gen.verify_new_tokens,
             build_seconds=round(build_seconds, 2), verify_seconds=round(time.perf_counter() - start, 2),
             verify_workers=workers, worker_peak_rss_mb=round(cores.worker_peak_rss_mb(), 1),

@@ -83,6 +83,18 @@ def test_graph_contract_read_back_from_the_built_binaries(pipeline, verify):
 
 
 @pytest.mark.slow
+def test_the_fp16_parts_are_the_float_reference_and_genie_runs_their_bundle(pipeline):
+    """compile.recipes.fp16: no quantization, the FP32 parts at fp16 on HTP with float32 I/O. Our host loop over its
+    binaries follows the FP32 parts; Genie runs its bundle (how closely: recorded, see the README)."""
+    built = json.loads((pipeline.path / "metrics/compile-gen/fp16.json").read_text())
+    assert (built["method"], built["activation_type"], built["quantized_io"]) == ("fp16", "float16", False)
+    assert built["top1_agreement"] >= 0.99 and built["gen_agreement"] >= 0.9 and built["gate_passed"] is True
+    m = json.loads((pipeline.path / "metrics/genie/fp16.json").read_text())
+    assert m["emulated"] is True and m["gen_prompts"] == 4 and m["gate_passed"] is True
+    assert 0.5 <= m["genie_host_agreement"] <= 1 and 0 <= m["genie_fp32_agreement"] <= 1
+
+
+@pytest.mark.slow
 def test_bundle_is_laid_out_as_ai_hub_ships_it_and_genie_runs_it_as_our_host_loop(pipeline):
     assert "genie@w8a16" in pipeline.first_run
     m = json.loads((pipeline.path / "metrics/genie/w8a16.json").read_text())

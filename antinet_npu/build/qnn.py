@@ -73,8 +73,10 @@ def provider_options(target: TargetConfig, backend: str = "htp", perf_mode: str 
 
 
 def session(model: Path, target: TargetConfig, *, backend: str = "htp", perf_mode: str | None = None,
-            context_out: Path | None = None, allow_cpu_fallback: bool = True, share: str | None = None):
-    """An onnxruntime session on the QNN backend; with `context_out`, also writes a context binary there.
+            context_out: Path | None = None, allow_cpu_fallback: bool = True, share: str | None = None,
+            fp16: bool = False):
+    """An onnxruntime session on the QNN backend; with `context_out`, also writes a context binary there; `fp16`
+    runs a float graph's float ops at fp16 on HTP (without it HTP refuses float32 compute).
 
     `share`: "continue" or "last" compiles into one context shared with the other sessions of this process (one
     weight copy for graphs with the same weights; "last" writes it)."""
@@ -95,6 +97,8 @@ def session(model: Path, target: TargetConfig, *, backend: str = "htp", perf_mod
     options = provider_options(target, backend, perf_mode)
     if share:
         options["enable_htp_weight_sharing"] = "1"
+    if fp16:
+        options["enable_htp_fp16_precision"] = "1"
     opts.add_provider_for_devices(register(), options)
     try:
         return ort.InferenceSession(str(model), opts)
@@ -138,7 +142,8 @@ def verify_workers(wanted: int) -> int:
     return wanted if emulated() else 1
 
 
-def compile_context(qdq_model: Path, ctx_model: Path, target: TargetConfig, allow_cpu_fallback: bool = False) -> None:
+def compile_context(qdq_model: Path, ctx_model: Path, target: TargetConfig, allow_cpu_fallback: bool = False,
+                    fp16: bool = False) -> None:
     """Ahead-of-time compile `qdq_model` into `ctx_model` (`<name>_ctx.onnx`) and its `<name>_ctx_qnn.bin`.
 
     Without `allow_cpu_fallback` every node must land in the QNN context. When one does not, the graph is compiled
@@ -148,13 +153,13 @@ def compile_context(qdq_model: Path, ctx_model: Path, target: TargetConfig, allo
     if ctx_model.exists():
         raise AntinetError(f"{ctx_model} already exists and the QNN EP will not overwrite it: remove it first")
     try:
-        session(qdq_model, target, context_out=ctx_model, allow_cpu_fallback=allow_cpu_fallback)
+        session(qdq_model, target, context_out=ctx_model, allow_cpu_fallback=allow_cpu_fallback, fp16=fp16)
     except AntinetError:
         _remove_context(ctx_model)  # the EP may have written it before the session failed
         if allow_cpu_fallback:
             raise
         probe = ctx_model.with_name(f"probe-{ctx_model.name}")
-        session(qdq_model, target, context_out=probe, allow_cpu_fallback=True)
+        session(qdq_model, target, context_out=probe, allow_cpu_fallback=True, fp16=fp16)
         _, outside = nodes_outside_context(probe, boundary_is_compute=True)
         _remove_context(probe)
         if not outside:
@@ -167,7 +172,7 @@ def compile_context(qdq_model: Path, ctx_model: Path, target: TargetConfig, allo
         raise AntinetError(f"the QNN EP wrote no context model for {qdq_model.name}")
 
 
-def compile_shared(qdq_models: list[Path], ctx_models: list[Path], target: TargetConfig) -> None:
+def compile_shared(qdq_models: list[Path], ctx_models: list[Path], target: TargetConfig, fp16: bool = False) -> None:
     """Compile graphs with the same weights (a part's AR-N and AR-1) into one context binary: one `.bin`, named
     after the first wrapper, referenced by every `_ctx.onnx`. Compile each alone first (`compile_context`): that
     is where a node the HTP backend rejects gets its name. Offline only: the x86_64 emulator cannot load the result
@@ -177,7 +182,7 @@ def compile_shared(qdq_models: list[Path], ctx_models: list[Path], target: Targe
         for k, (qdq, ctx) in enumerate(zip(qdq_models, ctx_models)):
             if ctx.exists():
                 raise AntinetError(f"{ctx} already exists and the QNN EP will not overwrite it: remove it first")
-            sessions.append(session(qdq, target, context_out=ctx, allow_cpu_fallback=False,
+            sessions.append(session(qdq, target, context_out=ctx, allow_cpu_fallback=False, fp16=fp16,
                                     share="last" if k == len(qdq_models) - 1 else "continue"))
     except AntinetError as exc:
         raise AntinetError(f"the QNN EP could not share one context between {', '.join(q.name for q in qdq_models)}"

@@ -32,13 +32,17 @@ class TargetConfig:
 
 RMSNORM_FORMS = ("fused", "decomposed")
 QDQ_TYPES = ("QUInt8", "QInt8", "QUInt16", "QInt16")
+NPU_METHODS = ("qdq", "fp16")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
 
 
 @dataclass
 class QdqRecipeConfig:
-    """Static QDQ quantization for the HTP backend (onnxruntime's get_qnn_qdq_config)."""
+    """Static QDQ quantization for the HTP backend (onnxruntime's get_qnn_qdq_config), or none (method fp16)."""
 
+    method: str = field(default="qdq", metadata=doc(
+        "qdq: static QDQ as below; fp16: no quantization, the float graph compiled at fp16 precision on HTP "
+        "(enable_htp_fp16_precision; generation parts only): the float reference a quantized recipe is judged by"))
     activation_type: str = field(default="QUInt16", metadata=doc(", ".join(QDQ_TYPES)))
     weight_type: str = field(default="QUInt8", metadata=doc(", ".join(QDQ_TYPES)))
     per_channel: bool = field(default=False, metadata=doc("per-output-channel symmetric weights (MatMul, Conv); "
@@ -55,7 +59,13 @@ class QdqRecipeConfig:
                                                                 "(past_*), e.g. QUInt8 to halve its traffic; null: "
                                                                 "activation_type"))
 
+    @property
+    def fp16(self) -> bool:
+        return self.method == "fp16"
+
     def check(self) -> None:
+        require(self.method in NPU_METHODS, f"method must be one of {', '.join(NPU_METHODS)}, got {self.method!r}")
+        require(not (self.fp16 and self.mixed), "method fp16 quantizes nothing: drop mixed")
         require(self.kv_type is None or self.kv_type in QDQ_TYPES, f"kv_type must be null or one of "
                  f"{', '.join(QDQ_TYPES)}, got {self.kv_type!r}")
         require(self.activation_type in QDQ_TYPES and self.weight_type in QDQ_TYPES,
@@ -127,6 +137,8 @@ class CompileConfig:
         for name in self.precisions:
             require(name in self.recipes, f"compile.precisions lists unknown precision {name!r}: valid ones are "
                      f"{', '.join(self.recipes)} (add a recipe under compile.recipes)")
+            require(not self.recipes[name].fp16, f"compile.precisions: {name!r} (method fp16) is built for the "
+                                                 "generation parts only: list it in compile.generation.precisions")
         for seq in self.seq_lens:
             require(seq > 1, f"compile.seq_lens must be > 1, got {seq}")
         require(self.calib_samples > 0 and self.verify_samples > 0,
