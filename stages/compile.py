@@ -28,8 +28,13 @@ log = logging.getLogger("compile")
 def run(cfg: Config, precision: str, seq_len: int) -> dict:
     cc = cfg.compile
     qnn.require()
+    single_pass = [name for name, r in cc.recipes.items() if not r.fp16]  # fp16: the generation parts only
+    if precision in cc.recipes and precision not in single_pass:
+        raise AntinetError(f"NPU precision {precision!r} (method fp16) builds the generation parts only: "
+                           f"`antinet-npu compile-gen --precision {precision}`; here choose one of "
+                           f"{', '.join(single_pass)}")
     if precision not in cc.recipes:
-        raise AntinetError(f"unknown NPU precision {precision!r}: valid ones are {', '.join(cc.recipes)} "
+        raise AntinetError(f"unknown NPU precision {precision!r}: valid ones are {', '.join(single_pass)} "
                            "(or add a recipe under compile.recipes)")
     recipe = cc.recipes[precision]
     snapshot = artifacts.pytorch_dir(cfg.model.name)
