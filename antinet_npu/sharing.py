@@ -203,7 +203,7 @@ def run_on_device(cfg, device: str, runs: list[str], remote_name: str | None = N
     from antinet_npu import metrics
     from antinet_npu.build import qnn
 
-    metrics.device_root(device)  # a bad name fails before anything is fetched
+    where = metrics.device_root(device)  # a bad name fails before anything is fetched
     runs = runs or npu_runs(cfg)
     if not runs:
         raise AntinetError("no runs given and no NPU runs in bench.runs or bench.generation.runs: pass --run KEY")
@@ -219,7 +219,6 @@ def run_on_device(cfg, device: str, runs: list[str], remote_name: str | None = N
         proc = subprocess.run([sys.executable, "-m", "antinet_npu", stage, "--run", key, "--device", device])
         if proc.returncode:
             failed.append(key)
-    where = metrics.ROOT / metrics.DEVICES / device
     log.info("results in %s/: commit and push them (git), then `dvc repro report` on the builder ranks them%s",
              where, f"; FAILED: {', '.join(failed)}" if failed else "")
     return len(failed)
