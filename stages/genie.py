@@ -62,14 +62,14 @@ def run(cfg: Config, precision: str) -> dict:
     model_config = checkpoint.snapshot_config(snapshot)
     eos = model_config.get("eos_token_id")
     eos_tokens = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    bos = model_config.get("bos_token_id")
     tokenizer_src = snapshot / genie.TOKENIZER
     if not tokenizer_src.is_file():
         raise AntinetError(f"{tokenizer_src} not found: Genie needs the model's tokenizer.json; re-run `dvc repro "
                            "prepare`")
     pad = model_config.get("pad_token_id")
     pad = int(pad) if pad is not None else eos_tokens[0] if eos_tokens else 0
-    genie.check_special_tokens(tokenizer_src, [*eos_tokens, *([bos] if bos is not None else []), pad])
+    bos = genie.prepended_bos(tokenizer_src)
+    genie.check_special_tokens(tokenizer_src, [*eos_tokens, bos, pad])
 
     parts = [Signature.read(shipped[n][i]).part for i in range(gen.parts)]
     names = [p.graph_name(ar, gen.context_length) for ar in (n, 1) for p in parts]
@@ -90,7 +90,7 @@ def run(cfg: Config, precision: str) -> dict:
         shutil.copyfile(tokenizer_src, tmp / genie.TOKENIZER)
         bundle = genie.GenieBundle(
             model=model, precision=precision, context_length=gen.context_length, prefill_len=n, parts=gen.parts,
-            n_vocab=int(model_config["vocab_size"]), bos_token=-1 if bos is None else int(bos), eos_tokens=eos_tokens,
+            n_vocab=int(model_config["vocab_size"]), bos_token=bos, eos_tokens=eos_tokens,
             pad_token=pad,
             kv_dim=first.kv.head_dim, rope_theta=first.rope.theta, soc_model=cfg.target.soc_model,
             dsp_arch=f"v{cfg.target.htp_arch}", qnn_sdk_version=qnn.sdk_version(shipped[n][0]), graphs=tuple(names),
@@ -189,7 +189,7 @@ def _check_order(order: list[tuple[str, int, int, int]], parts, prefill_len: int
 def _violations(metrics: dict, cfg: Config) -> list[str]:
     out = []
     for key, bound in (("genie_host_agreement", cfg.genie.min_host_agreement),
-                       ("genie_fp32_agreement", cfg.genie.min_fp32_agreement)):
+                       ("genie_fp32_agreement", cfg.genie.min_fp32_agreement.get(metrics["precision"]))):
         if bound is not None and (metrics[key] is None or metrics[key] < bound):
             out.append(f"{metrics['precision']} {key} {metrics[key]} < {bound}")
     return out

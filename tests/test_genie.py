@@ -108,7 +108,7 @@ def test_bundle_is_laid_out_as_ai_hub_ships_it_and_genie_runs_it_as_our_host_loo
         "htp_backend_ext_config.emulator.json", "htp_backend_ext_config.json", "tokenizer.json",
         "weight_sharing_model_1_of_2.serialized.bin", "weight_sharing_model_2_of_2.serialized.bin"])
     config = json.loads((bundle / "genie_config.json").read_text())["dialog"]
-    assert config["context"] == {"version": 1, "size": CL, "n-vocab": 2048, "bos-token": 0, "eos-token": [0],
+    assert config["context"] == {"version": 1, "size": CL, "n-vocab": 2048, "bos-token": -1, "eos-token": [0],
                                  "pad-token": 0}
     htp = config["engine"]["backend"]["QnnHtp"]
     assert (htp["kv-dim"], htp["pos-id-dim"], htp["rope-theta"], htp["use-mmap"]) == (32, 16, 10000.0, True)
@@ -215,6 +215,28 @@ def test_a_tokenizer_without_the_named_special_tokens_is_refused(tmp_path):
     genie.check_special_tokens(path, [5, 0])
     with pytest.raises(AntinetError, match="has no token with id 7, which the Genie dialog names as bos/eos/pad"):
         genie.check_special_tokens(path, [5, 7])
+
+
+def _word_tokenizer(path, single: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "Hello": 2, "world": 3}, unk_token="<s>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 0), ("</s>", 1)])
+    tokenizer.save(str(path))
+    return path
+
+
+def test_bundle_bos_is_what_the_tokenizer_prepends(tmp_path):
+    # Genie prepends a bos-token >= 0 to every first query: a tokenizer that adds none (Qwen2, SmolLM2) gets -1
+    assert genie.prepended_bos(_word_tokenizer(tmp_path / "none.json", "$A")) == -1
+    assert genie.prepended_bos(_word_tokenizer(tmp_path / "bos.json", "<s> $A")) == 0
+    with pytest.raises(AntinetError, match="adds special tokens other than one leading BOS"):
+        genie.prepended_bos(_word_tokenizer(tmp_path / "both.json", "<s> $A </s>"))
+    # a caller's prompt ids already carry the tokenizer's BOS: the dialog it runs never prepends another
+    config = {"dialog": {"context": {"bos-token": 0}}}
+    assert genie.for_whole_prompts(config)["dialog"]["context"]["bos-token"] == -1
+    assert config["dialog"]["context"]["bos-token"] == 0
 
 
 def _tiny_context(folder):

@@ -172,8 +172,9 @@ class GenieConfig:
     min_host_agreement: float = field(default=0.5, metadata=doc(
         "gate: share of Genie's greedy tokens equal to our host loop's over the same binaries (a miswired bundle "
         "generates garbage: near 0)"))
-    min_fp32_agreement: Optional[float] = field(default=None, metadata=doc(
-        "gate: share equal to the FP32 parts' greedy tokens; null: recorded only (quantization's own loss)"))
+    min_fp32_agreement: dict[str, float] = field(default_factory=dict, metadata=doc(
+        "gate per precision: share equal to the FP32 parts' greedy tokens; a precision not listed: recorded only "
+        "(quantization's own loss)"))
     mode: str = field(default="fail", metadata=doc("fail | warn when under a gate"))
     use_mmap: bool = field(default=True, metadata=doc("the shipped config's QnnHtp use-mmap (AI Hub's default on a "
                                                        "device); the emulator check runs without"))
@@ -188,8 +189,8 @@ class GenieConfig:
     def check(self) -> None:
         require(0 <= self.min_host_agreement <= 1, f"genie.min_host_agreement must be 0..1, got "
                                                    f"{self.min_host_agreement}")
-        require(self.min_fp32_agreement is None or 0 <= self.min_fp32_agreement <= 1,
-                f"genie.min_fp32_agreement must be null or 0..1, got {self.min_fp32_agreement}")
+        for precision, bound in self.min_fp32_agreement.items():
+            require(0 <= bound <= 1, f"genie.min_fp32_agreement.{precision} must be 0..1, got {bound}")
         require(self.mode in GATE_MODES, f"genie.mode must be one of {', '.join(GATE_MODES)}")
         require(self.n_threads >= 1, f"genie.n_threads must be >= 1, got {self.n_threads}")
         require(self.runtime in GENIE_RUNTIMES, f"genie.runtime must be one of {', '.join(GENIE_RUNTIMES)}, got "

@@ -174,6 +174,33 @@ def check_special_tokens(tokenizer_json: Path, ids: Sequence[int]) -> None:
                            "dialog names as bos/eos/pad: fix the model's bos/eos/pad_token_id or its tokenizer")
 
 
+def prepended_bos(tokenizer_json: Path) -> int:
+    """The bundle's `bos-token`: the token the model's tokenizer puts before a text's tokens, or -1 for none.
+
+    Genie prepends `bos-token` to the first query of a dialog whenever it is >= 0 (qualla's dialog.cpp), while a
+    Qwen2 or SmolLM2 tokenizer adds no BOS although their configs name a `bos_token_id`: copying that id (as AI Hub's
+    export does) gives Genie a context the model never had in transformers (measured on the builtin fp16 bundle: one
+    prompt of four generated other greedy tokens until this was -1)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    text = "Hello world"
+    plain, special = tokenizer.encode(text, add_special_tokens=False).ids, tokenizer.encode(text).ids
+    added = len(special) - len(plain)
+    if special[added:] != plain or added > 1:
+        raise AntinetError(f"{tokenizer_json} adds special tokens other than one leading BOS when it encodes a text "
+                           f"({special} for {plain}): a Genie dialog can only prepend one bos-token")
+    return special[0] if added else -1
+
+
+def for_whole_prompts(config: dict) -> dict:
+    """`config` for a caller that passes the whole prompt, any BOS its tokenizer added included: Genie must not
+    prepend `bos-token` again."""
+    config = json.loads(json.dumps(config))
+    config["dialog"]["context"]["bos-token"] = -1
+    return config
+
+
 def resolve_paths(config: dict, base: Path) -> dict:
     """A dialog config whose file paths (tokenizer, extensions, ctx-bins) are relative to `base`, as genie-t2t-run
     started in `base` would open them, with those paths made absolute (this process does not change directory)."""
@@ -318,6 +345,7 @@ class Dialog:
         self.handle = ctypes.c_void_p()
         lib = self.api.lib
         self._check(lib.GenieLog_create(None, self._log_cb, 3, ctypes.byref(self._log)), "create a log")
+        config = for_whole_prompts(config)  # prompts arrive as token ids, already as the model's tokenizer made them
         self._check(lib.GenieDialogConfig_createFromJson(json.dumps(config).encode(), ctypes.byref(self._config)),
                     "read the dialog config")
         self._check(lib.GenieDialogConfig_bindLogger(self._config, self._log), "bind its log")
@@ -435,8 +463,8 @@ class AppBuilderDialog:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
         # GenieContext reads a config file: the resolved one (absolute paths) lives beside nothing the user owns
         fd, name = tempfile.mkstemp(prefix="antinet-genie-", suffix=".json")
-        with open(fd, "w") as f:
-            json.dump(config, f)
+        with open(fd, "w") as f:  # the prompt's text is decoded from its ids, any BOS included
+            json.dump(for_whole_prompts(config), f)
         self.config_path = Path(name)
         start = time.perf_counter()
         try:
