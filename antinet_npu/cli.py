@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the artifacts already in the workspace")
     _config_arguments(p)
 
+    sub.add_parser("fetch-text", help="fetch the text sources that come from the package registry (builtin:lee-news) "
+                   "into the venv; `make install` runs it", description="Downloads the pinned wheel that carries a "
+                   "builtin text (builtin:lee-news: gensim 4.4.0's Lee news corpus, 28 MB wheel, 360 kB kept), "
+                   "checks the file's SHA-256 and keeps it under <venv>/share/antinet-npu/text/. Installs nothing.")
+
     p = sub.add_parser("compose", help="compose conf/ (plus overrides) as DVC does; print it or write params.yaml",
                        description="Compose conf/ with Hydra exactly as `dvc exp run` does and print the YAML; "
                        "--write replaces params.yaml with it.")
@@ -177,6 +182,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from antinet_npu.measure.verify import main as verify_main
 
         return verify_main(config.load(args.params), Path(args.metrics))
+    if args.command == "fetch-text":
+        from antinet_npu.build.corpus import REGISTRY_TEXTS
+
+        for text in REGISTRY_TEXTS:
+            logging.getLogger("fetch-text").info("%s: %s", text.source, text.fetch())
+        return 0
     if args.command == "compose":
         text = config.to_yaml(config.compose(args.overrides))
         config.validate(config.compose(args.overrides), source="composed config")

@@ -46,10 +46,9 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
     onnx_models.check_model(src)
     signature = Signature.read(src)  # QDQ and context graphs keep the static graph's inputs and outputs
     tokenizer = checkpoint.load_text_tokenizer(snapshot)
-    splits = corpus.split_documents(cfg.text)
     calibration = [signature.static_feeds(w)
-                   for w in corpus.windows(tokenizer, splits["calib"], seq_len, cc.calib_samples, "calibration")]
-    held_out = corpus.windows(tokenizer, splits["eval"], seq_len, cc.verify_samples, "evaluation")
+                   for w in corpus.calibration_windows(tokenizer, cfg.text, seq_len, cc.calib_samples)]
+    held_out = corpus.evaluation_windows(tokenizer, cfg.text, seq_len, cc.verify_samples)
 
     nodes = quantization.weight_groups(src, ("MatMul",))  # the embedding table is quantized as an activation
     groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name, nodes)
@@ -79,27 +78,28 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
         signature.write(tmp / ctx_out.name)
 
         start = time.perf_counter()
-        workers = min(qnn.verify_workers(cc.verify_workers), len(held_out))
-        log.info("verifying on the QNN HTP backend%s: %d held-out windows, %d process(es)",
-                 " (emulator)" if qnn.emulated() else "", len(held_out), workers)
-        feeds = [signature.static_feeds(ids) for ids in held_out]
+        windows = [(domain, ids) for domain, rows in held_out.items() for ids in rows]
+        workers = min(qnn.verify_workers(cc.verify_workers), len(windows))
+        log.info("verifying on the QNN HTP backend%s: %d held-out windows (%s), %d process(es)",
+                 " (emulator)" if qnn.emulated() else "", len(windows), ", ".join(held_out), workers)
+        feeds = [signature.static_feeds(ids) for _, ids in windows]
         graphs = qnn.HtpGraphs(cfg.target, cc.allow_cpu_fallback)
         got = cores.spread(partial(_context_logits, graphs, tmp / ctx_out.name), feeds, workers)
         graphs.close()
         reference = onnx_models.cpu_session(src)
-        meter = fidelity.FidelityMeter()
-        for f in feeds:
-            meter.add(reference.run(None, f)[0], got.pop(0), f["input_ids"])
-        del reference
+        meter = fidelity.DomainMeter()
+        for (domain, _), f, logits in zip(windows, feeds, got):
+            meter.add(domain, reference.run(None, f)[0], logits, f["input_ids"])
+        del reference, got
         result = meter.result()
-        violations = fidelity.gate_violations(f"{precision}-{seq_len}", result, cc.gate(precision))
+        violations = fidelity.domain_violations(f"{precision}-{seq_len}", result, cc.gate(precision))
         metrics = record(
             model=cfg.model.name, precision=precision, seq_len=seq_len, backend="qnn-htp",
             device=qnn.device_name(), emulated=qnn.emulated(), target=cfg.target.name,
             soc_model=cfg.target.soc_model, htp_arch=cfg.target.htp_arch, activation_type=recipe.activation_type,
             weight_type=recipe.weight_type, float_residual=recipe.float_residual,
             **sensitivity.mixed_metrics(recipe.mixed, groups, keep),
-            samples=len(held_out), **result, context_nodes=contexts,
+            samples=len(windows), **result, context_nodes=contexts,
             compute_nodes=compute_nodes, cpu_compute_nodes=len(outside),
             qnn_node_fraction=round(1 - len(outside) / max(compute_nodes, 1), 6),
             bin_size_mb=round(sum(b.stat().st_size for b in bins) / 1e6, 3),

@@ -48,13 +48,13 @@ def run(cfg: Config, precision: str) -> dict:
         check_built_for(path, Signature.read(path), n, gen.context_length, gen.parts, "export-npu-gen")
     snapshot = artifacts.pytorch_dir(model)
     tokenizer = checkpoint.load_text_tokenizer(snapshot)
-    splits = corpus.split_documents(cfg.text)
     # Calibration prompts of 1.5 chunks: a left-padded chunk and a full one, so the traces hold both
-    calib = corpus.windows(tokenizer, splits["calib"], n + n // 2, cc.calib_samples, "calibration")
-    held_out = corpus.windows(tokenizer, splits["eval"], min(2 * n, gen.context_length), cc.verify_samples,
-                              "evaluation")
-    prompts = corpus.generation_prompts(tokenizer, splits["eval"], min(n, gen.context_length - gen.verify_new_tokens),
-                                        gen.verify_prompts)
+    calib = corpus.calibration_windows(tokenizer, cfg.text, n + n // 2, cc.calib_samples)
+    held_out = [(domain, w) for domain, rows in corpus.evaluation_windows(
+        tokenizer, cfg.text, min(2 * n, gen.context_length), cc.verify_samples).items() for w in rows]
+    prompts = [(domain, p) for domain, rows in corpus.held_out_prompts(
+        tokenizer, cfg.text, min(n, gen.context_length - gen.verify_new_tokens), gen.verify_prompts).items()
+        for p in rows]
 
     start = time.perf_counter()
     traces: dict = {}
@@ -138,7 +138,7 @@ def run(cfg: Config, precision: str) -> dict:
         build_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        jobs = [("score", w) for w in held_out] + [("generate", p) for p in prompts]
+        jobs = [("score", w) for _, w in held_out] + [("generate", p) for _, p in prompts]
         workers = min(qnn.verify_workers(cc.verify_workers), len(jobs))
         log.info("verifying on the QNN HTP backend%s from the unshared binaries: %d held-out windows, %d prompts x %d "
                  "tokens, %d process(es)", " (emulator)" if qnn.emulated() else "", len(held_out), len(prompts),
@@ -149,16 +149,19 @@ def run(cfg: Config, precision: str) -> dict:
         answers = cores.spread(npu, jobs, workers)
         npu.graphs.close()
         reference = open_parts(fp32, onnx_models.cpu_session)
-        meter = fidelity.FidelityMeter()
-        for window, logits in zip(held_out, answers[:len(held_out)]):
-            meter.add(reference.score(window)[None], logits[None], window[None])
-        expected = [list(generation.generate(reference, p, gen.verify_new_tokens)) for p in prompts]
-        got = answers[len(held_out):]
+        meter = fidelity.DomainMeter()
+        for (domain, window), logits in zip(held_out, answers[:len(held_out)]):
+            meter.add(domain, reference.score(window)[None], logits[None], window[None])
+        expected = [list(generation.generate(reference, p, gen.verify_new_tokens)) for _, p in prompts]
+        got = [list(map(int, g)) for g in answers[len(held_out):]]
+        for domain in dict(prompts):
+            mine = [i for i, (d, _) in enumerate(prompts) if d == domain]
+            meter.add_greedy(domain, [expected[i] for i in mine], [got[i] for i in mine])
         # what Genie's verification (stage genie) compares with: the same prompts through the FP32 parts and
         # through our host loop over these binaries
         artifacts.write_json(artifacts.qnn_gen_greedy(tmp), {
-            "new_tokens": gen.verify_new_tokens, "prompts": [p.tolist() for p in prompts],
-            "fp32": expected, "host": [list(map(int, g)) for g in got]})
+            "new_tokens": gen.verify_new_tokens, "prompts": [p.tolist() for _, p in prompts],
+            "domains": [d for d, _ in prompts], "fp32": expected, "host": got})
         del reference, answers
         result = meter.result()
         # what a device moves between host and NPU per call, as built and as it would be with float32 edges
@@ -166,8 +169,7 @@ def run(cfg: Config, precision: str) -> dict:
                                                                    types) for i in range(gen.parts)) / 1e6, 3)
               for what, ar in (("decode_step", 1), ("prefill_call", n))
               for suffix, types in (("", None), ("_float32", {"": 4}))}
-        agreement = fidelity.generation_agreement(expected, got) if prompts.size else {}
-        violations = fidelity.gate_violations(f"{precision} generation", result, cc.gate(precision))
+        violations = fidelity.domain_violations(f"{precision} generation", result, cc.gate(precision))
         metrics = record(
             model=model, precision=precision, backend="qnn-htp", device=qnn.device_name(), emulated=qnn.emulated(),
             target=cfg.target.name, soc_model=cfg.target.soc_model, htp_arch=cfg.target.htp_arch,
@@ -184,8 +186,7 @@ def run(cfg: Config, precision: str) -> dict:
             parts=parts_metrics, bin_mb=round(sum(p["bin_mb"] for p in parts_metrics.values()), 3), **io,
             cpu_compute_nodes=sum(p["cpu_compute_nodes"] for p in parts_metrics.values()),
             calib_prompts=0 if recipe.fp16 else len(calib), samples=len(held_out),
-            window_len=int(held_out.shape[1]), **result,
-            **agreement, gen_prompts=len(prompts), gen_tokens=gen.verify_new_tokens,
+            window_len=int(held_out[0][1].size), **result, gen_prompts=len(prompts), gen_tokens=gen.verify_new_tokens,
             build_seconds=round(build_seconds, 2), verify_seconds=round(time.perf_counter() - start, 2),
             verify_workers=workers, worker_peak_rss_mb=round(cores.worker_peak_rss_mb(), 1),
             gate_passed=not violations)
@@ -196,7 +197,7 @@ def run(cfg: Config, precision: str) -> dict:
         log.warning("fidelity gate: %s", "; ".join(violations))
     log.info("%s: %d parts, %.1f MB of binaries; top-1 %.4f, cosine %.5f, perplexity %+.2f%%%s vs the FP32 parts, "
              "greedy agreement %.3f%s", out, gen.parts, metrics["bin_mb"], result["top1_agreement"], result["cosine"],
-             100 * result["ppl_increase"], fidelity.interval_text(result), agreement.get("gen_agreement", float("nan")),
+             100 * result["ppl_increase"], fidelity.interval_text(result), result.get("gen_agreement", float("nan")),
              " (emulated)" if qnn.emulated() else "")
     return metrics
 

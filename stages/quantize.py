@@ -46,8 +46,8 @@ def run(cfg: Config, precision: str) -> dict:
         snapshot = artifacts.pytorch_dir(cfg.model.name)
         checkpoint.check_seq_len(recipe.smooth.seq_len, checkpoint.max_positions(checkpoint.snapshot_config(snapshot)),
                                  f"lower quantize.recipes.{precision}.smooth.seq_len")
-        tokenizer, docs = checkpoint.load_text_tokenizer(snapshot), corpus.split_documents(cfg.text)["calib"]
-        calibration = corpus.windows(tokenizer, docs, recipe.smooth.seq_len, recipe.smooth.samples, "calibration")
+        calibration = corpus.calibration_windows(checkpoint.load_text_tokenizer(snapshot), cfg.text,
+                                                 recipe.smooth.seq_len, recipe.smooth.samples)
     start = time.perf_counter()
     log.info("quantizing %s -> %s (%s)%s", src, out, recipe.method,
              f", keeping {len(keep)} nodes of {', '.join(groups)} as {recipe.mixed.keep_as}" if keep else "")

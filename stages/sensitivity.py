@@ -32,8 +32,8 @@ def run(cfg: Config, probe: str) -> dict:
     spec = sc.probes[probe]
     static_activations = bool(spec.activation_bits) and spec.activation_granularity == "tensor"
     # Static activation ranges are calibrated on one half and judged on the other (both calibration text).
-    windows = corpus.windows(tokenizer, corpus.split_documents(cfg.text)["calib"], sc.seq_len,
-                             sc.num_samples * (2 if static_activations else 1), "calibration")
+    windows = corpus.calibration_windows(tokenizer, cfg.text, sc.seq_len,
+                                         sc.num_samples * (2 if static_activations else 1))
     if sc.threads:
         torch.set_num_threads(sc.threads)
     model = checkpoint.load_snapshot(snapshot)

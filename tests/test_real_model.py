@@ -8,8 +8,8 @@ README), the NPU generation parts' greedy agreement and the Genie bundle's check
 emulator takes seconds per call), no fp16 variant (measured in the README), one CPU single-pass benchmark (the
 served int8-block at S=128), generation benchmarks only for the runs asserted below (ours int8-block with and
 without the cache, the peer's int8), and the emulator is not benchmarked (its time means nothing; the builtin-model
-tests cover that path). Fidelity is judged on 16 held-out windows (CPU and NPU), text that neither calibration nor
-the sensitivity ranking saw.
+tests cover that path). Fidelity is judged on 16 held-out windows of the main text (the news domain is left out here
+for now), text that neither calibration nor the sensitivity ranking saw.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 _SINGLE_PASS = ("torch-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8-dynamic", "ort-cpu-int8-block",
                 "ort-cpu-int8-mixed", "ort-cpu-int4-block")
 OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[128]", "compile.precisions=[w8a16-mixed]",
+             # the main text only, for now: SmolLM2's gates and figures on the news domain are not yet measured on
+             # this code (issue 31 reports 1-2 points lower top-1 on other prose); the builtin pipeline gates both
+             "~text.domains.news",
              "compile.generation.verify_prompts=2", "compile.generation.verify_new_tokens=8",
              "quantize.precisions=[int8-dynamic,int8-block,int8-smooth,int8-mixed,int4-block]",
              "~evaluate.variants.fp16",
@@ -58,6 +61,16 @@ def checkpoint_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, checkpoint_dir) -> Iterator[Path]:
+    """For your own loop, ANTINET_REAL_PIPELINE=<dir> builds the project there once and keeps it (a later run
+    re-runs only what is stale in it)."""
+    if kept := os.environ.get("ANTINET_REAL_PIPELINE"):
+        path = Path(kept)
+        if not (path / "dvc.yaml").is_file():
+            path.mkdir(parents=True, exist_ok=True)
+            make_project(path, [*OVERRIDES, f"model.source={checkpoint_dir}"])
+        reproduce(path)
+        yield path
+        return
     dest = tmp_path_factory.mktemp("real")
     # A full disk fails a stage halfway with errno 28 deep in its log: say so before 15 minutes of work instead
     free_gb = shutil.disk_usage(dest).free / 1e9

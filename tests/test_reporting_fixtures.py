@@ -64,6 +64,7 @@ def test_summary_from_fixtures(root):
     assert "| NPU | not measured on a real NPU |" in summary  # the emulated run is shown, never ranked
     assert "| genie-w8a16 | genie (emulated) | w8a16 |" in summary  # generation table, labelled
     assert "### Genie bundles (genie)" in summary and "### NPU generation parts (compile-gen)" in summary
+    assert "### Fidelity by text domain" in summary and "| int8-block | news |" in summary
     assert "### Stages: time and peak memory" in summary and "| bench/torch-fp32-32 |" in summary
     speedups = reporting.speedups(sources)
     assert speedups["torch-fp32-32"]["speedup_vs_torch"] == 1.0

@@ -16,7 +16,14 @@ from omegaconf import OmegaConf
 from omegaconf import errors as oc_errors
 
 from antinet_npu import AntinetError
-from antinet_npu.config.model import BUILTIN_PREFIX, BuiltinModelConfig, ExportConfig, ModelConfig, TextConfig
+from antinet_npu.config.model import (
+    BUILTIN_PREFIX,
+    MAIN_DOMAIN,
+    BuiltinModelConfig,
+    ExportConfig,
+    ModelConfig,
+    TextConfig,
+)
 from antinet_npu.config.npu import (
     HTP_PERF_MODES,
     CompileConfig,
@@ -47,7 +54,8 @@ from antinet_npu.config.runs import (
 )
 from antinet_npu.config.schema import require
 
-__all__ = ["BACKENDS", "BUILTIN_PREFIX", "CONF_DIR", "GENAI_PRECISIONS", "HTP_PERF_MODES", "PARAMS_FILE", "REFERENCE",
+__all__ = ["BACKENDS", "BUILTIN_PREFIX", "CONF_DIR", "GENAI_PRECISIONS", "HTP_PERF_MODES", "MAIN_DOMAIN", "PARAMS_FILE",
+           "REFERENCE",
            "BenchConfig", "BenchRunConfig", "BuiltinModelConfig", "CompileConfig", "Config", "EvaluateConfig",
            "ExportConfig", "GateConfig", "GenieConfig", "GenRunConfig", "GenerationBenchConfig",
            "GenerationGraphsConfig", "MixedConfig", "ModelConfig", "ProbeConfig", "QdqRecipeConfig", "QuantizeConfig",

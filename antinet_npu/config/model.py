@@ -10,6 +10,7 @@ from omegaconf import MISSING
 from antinet_npu.config.schema import SLUG, doc, require
 
 BUILTIN_PREFIX = "builtin:"
+MAIN_DOMAIN = "main"  # text.source among the text domains
 
 
 @dataclass
@@ -76,8 +77,12 @@ class ModelConfig:
 class TextConfig:
     """Where calibration and evaluation text comes from, and how documents are split between uses."""
 
-    source: str = field(default="builtin:stdlib-docstrings",
-                        metadata=doc("builtin:stdlib-docstrings, or a local .txt/.md file or folder of them"))
+    source: str = field(default="builtin:stdlib-docstrings", metadata=doc(
+        "the main text (it also trains the builtin model): builtin:stdlib-docstrings, builtin:lee-news, or a local "
+        ".txt/.md file or folder of them"))
+    domains: dict[str, str] = field(default_factory=dict, metadata=doc(
+        "more text by name (same kinds of source), for calibration and evaluation only: calibration draws from "
+        "every domain, fidelity is reported and gated on each one's held-out documents"))
     eval_fraction: float = field(default=0.15, metadata=doc("share of documents held out for evaluation"))
     calib_fraction: float = field(default=0.15, metadata=doc("share of documents used for calibration"))
 
@@ -85,6 +90,14 @@ class TextConfig:
         require(0 < self.eval_fraction < 1 and 0 < self.calib_fraction < 1
                  and self.eval_fraction + self.calib_fraction < 1,
                  "text.eval_fraction and text.calib_fraction must be in (0, 1) and sum to less than 1")
+        for name in self.domains:
+            require(name != MAIN_DOMAIN and bool(SLUG.match(name)),
+                    f"text.domains: {name!r} is not a usable domain name (letters, digits, '.', '-', '_'; not "
+                    f"{MAIN_DOMAIN!r}, which names text.source)")
+
+    def named(self) -> dict[str, str]:
+        """Every domain's source by name, the main text first."""
+        return {MAIN_DOMAIN: self.source, **self.domains}
 
 
 @dataclass

@@ -66,6 +66,23 @@ class FidelityMeter:
             rows = matches.reshape(ids.shape[0], seq).sum(-1)
             self.windows += [(float(v), float(r), seq - 1, int(m), seq) for v, r, m in zip(nll_var, nll_ref, rows)]
 
+    @classmethod
+    def merged(cls, meters) -> FidelityMeter:
+        """One meter over everything the given meters saw."""
+        out = cls()
+        for m in meters:
+            out.positions += m.positions
+            out.top1_matches += m.top1_matches
+            out.cosine_sum += m.cosine_sum
+            out.kl_sum += m.kl_sum
+            out.max_abs_error = max(out.max_abs_error, m.max_abs_error)
+            out.nll_sum += m.nll_sum
+            out.nll_ref_sum += m.nll_ref_sum
+            out.predicted += m.predicted
+            out.nonfinite += m.nonfinite
+            out.windows += m.windows
+        return out
+
     def result(self) -> dict[str, float | int]:
         n = max(self.positions, 1)
         out: dict[str, float | int] = {
@@ -98,6 +115,35 @@ class FidelityMeter:
                 "top1_ci_low": float(t_lo), "top1_ci_high": float(t_hi)}
 
 
+class DomainMeter:
+    """A `FidelityMeter` per text domain. `result()`: the figures over every domain's windows (the headline), and
+    under "domains" each domain's own, with its interval."""
+
+    def __init__(self) -> None:
+        self.meters: dict[str, FidelityMeter] = {}
+        self.greedy: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
+
+    def add(self, domain: str, reference: np.ndarray, variant: np.ndarray, input_ids: np.ndarray | None = None) -> None:
+        self.meters.setdefault(domain, FidelityMeter()).add(reference, variant, input_ids)
+
+    def add_greedy(self, domain: str, reference: list[list[int]], variant: list[list[int]]) -> None:
+        """Greedy continuations of one domain's prompts: FP32's and the variant's."""
+        self.greedy[domain] = (reference, variant)
+
+    def result(self) -> dict:
+        domains = {d: {**m.result(), **generation_agreement(*self.greedy.get(d, ([], [])))}
+                   for d, m in self.meters.items()}
+        everything = generation_agreement([t for ref, _ in self.greedy.values() for t in ref],
+                                          [t for _, var in self.greedy.values() for t in var])
+        return {**FidelityMeter.merged(self.meters.values()).result(), **everything, "domains": domains}
+
+
+def domain_violations(label: str, result: dict, gate: GateConfig) -> list[str]:
+    """`gate_violations` judged on each domain's held-out windows (`DomainMeter.result()`)."""
+    return [v for domain, figures in result["domains"].items()
+            for v in gate_violations(f"{label} on {domain}", figures, gate)]
+
+
 def export_error(pairs) -> dict[str, float]:
     """How far exported logits are from PyTorch's over (got, expected, valid-position mask) triples: the largest
     absolute difference, that difference relative to the largest |expected logit| (the check is relative so that it
@@ -122,17 +168,27 @@ def check_export(error: dict[str, float], max_rel_diff: float, min_top1: float, 
 
 
 def generation_agreement(reference: list[list[int]], variant: list[list[int]]) -> dict[str, float]:
-    """Greedy continuations of the same prompts: the share of positions where the variant's token equals FP32's,
-    and the mean position of the first difference (the continuation length when there is none)."""
+    """Greedy continuations of the same prompts: the share of positions where the variant's token equals FP32's
+    (with its spread: the worst prompt's share, the prompts equal throughout, a 95 % interval over prompts), and the
+    mean position of the first difference (the continuation length when there is none)."""
     if not reference:
         return {}
-    equal = total = 0
-    firsts = []
+    rows, firsts = [], []
     for ref, got in zip(reference, variant):
         same = [a == b for a, b in zip(ref, got)] + [False] * abs(len(ref) - len(got))
-        equal, total = equal + sum(same), total + len(same)
+        rows.append((sum(same), len(same)))
         firsts.append(same.index(False) if False in same else len(same))
-    return {"gen_agreement": equal / max(total, 1), "gen_first_divergence": float(np.mean(firsts))}
+    counts = np.asarray(rows, dtype=np.float64)
+    out = {"gen_agreement": counts[:, 0].sum() / max(counts[:, 1].sum(), 1),
+           "gen_first_divergence": float(np.mean(firsts)),
+           "gen_prompt_agreement_min": float(min(e / max(n, 1) for e, n in counts)),
+           "gen_prompts_equal": int(sum(e == n for e, n in counts))}
+    if len(rows) >= 2:  # 95 % bootstrap interval over prompts: how much the choice of prompts alone moves it
+        picks = np.random.default_rng(0).integers(0, len(rows), size=(2000, len(rows)))
+        sums = counts[picks].sum(axis=1)
+        lo, hi = np.percentile(sums[:, 0] / np.maximum(sums[:, 1], 1), [2.5, 97.5])
+        out.update(gen_agreement_ci_low=float(lo), gen_agreement_ci_high=float(hi))
+    return out
 
 
 def interval_text(metrics: dict) -> str:
