@@ -24,7 +24,9 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Shrinks the builtin model's training so the whole pipeline fits the test budget; the code paths are the same.
-TEST_OVERRIDES = ["model.builtin.train_steps=60", "evaluate.num_samples=8", "compile.seq_lens=[32]",
+# per text domain (two): 8 evaluation windows, 4 greedy prompts in evaluate, 2 on the HTP backend and in Genie
+TEST_OVERRIDES = ["model.builtin.train_steps=60", "evaluate.num_samples=8", "evaluate.gen_prompts=4",
+                  "compile.generation.verify_prompts=2", "compile.seq_lens=[32]",
                   "~bench.runs.qnn-htp-w8a16-128", "bench.warmup=1", "bench.iterations=3",
                   "bench.generation.new_tokens=16", "bench.generation.iterations=2"]
 

@@ -63,6 +63,10 @@ def _params(tmp_path: Path, edit) -> Path:
      "quantize.recipes.int8-smooth: smooth.alpha must be between 0 and 1 (exclusive), got 1.5"),
     (lambda d: d["quantize"]["recipes"]["fp16"].update(smooth={"alpha": 0.5}),
      "quantize.recipes.fp16: smooth needs a matmul-nbits recipe"),
+    (lambda d: d["compile"]["recipes"]["w4a16"].update(activation_type="QInt4"),
+     "activation_type must be one of QUInt8, QInt8, QUInt16, QInt16, got 'QInt4'"),
+    (lambda d: d["compile"]["recipes"]["w4a16"].update(per_channel=False),
+     "weight_type QInt4 is per output channel: set per_channel true"),
 ])
 def test_bad_params_are_one_line_errors(tmp_path, edit, expected):
     with pytest.raises(AntinetError) as err:

@@ -81,7 +81,7 @@ def test_damaged_variant_fails_the_gate(pipeline, tmp_path):
     proc = run_cli(project, "evaluate", "--precision", "int8-block")
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert "fidelity gate: int8-block: top1_agreement" in last and "is not >= 0.95" in last, last
+    assert "fidelity gate: int8-block on main: top1_agreement" in last and "is not >= 0.95" in last, last
     assert _metrics(project, "evaluate", "int8-block")["gate_passed"] is False
 
     proc = run_cli(project, "evaluate", "--precision", "int8-block", *TEST_OVERRIDES, "evaluate.mode=warn")

@@ -23,6 +23,8 @@ from antinet_npu.build import smoothing
 from antinet_npu.build.onnx_models import external_data, save, stream_weights
 from antinet_npu.build.sensitivity import group_of
 from antinet_npu.config import QdqRecipeConfig, RecipeConfig
+from antinet_npu.config.npu import WEIGHT_ONLY_TYPES
+from antinet_npu.config.recipes import NPU_KEEP_BITS
 
 log = logging.getLogger(__name__)
 
@@ -312,10 +314,10 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], 
                ranges: dict[str, tuple[float, float]] | None = None) -> onnx.ModelProto:
     """Static QDQ for QNN: activation/weight types from the recipe, ranges calibrated on `calibration` feeds.
 
-    `keep`: MatMul nodes kept at higher precision (`recipe.mixed.keep_as`): 16-bit weights (per output channel), or
-    left float. With `recipe.float_residual` the residual stream stays float (see `residual_nodes`). `ranges`: fixed
-    (min, max) for named tensors, in place of their calibrated ones (one encoding for a tensor that several graphs
-    share: a KV cache, the hidden state between two parts)."""
+    `keep`: MatMul nodes kept at higher precision (`recipe.mixed.keep_as`): 16-bit or 8-bit weights (per output
+    channel), or left float. With `recipe.float_residual` the residual stream stays float (see `residual_nodes`).
+    `ranges`: fixed (min, max) for named tensors, in place of their calibrated ones (one encoding for a tensor that
+    several graphs share: a KV cache, the hidden state between two parts)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantType
     from onnxruntime.quantization import quantize as ort_quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -332,7 +334,10 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], 
     excluded = recipe.nodes_to_exclude + as_float + (residual_nodes(src) if recipe.float_residual else [])
     weight_type = getattr(QuantType, recipe.weight_type)
     overrides = _per_channel_matmul(src, weight_type) if recipe.per_channel else {}
-    overrides.update(_per_channel_matmul(src, QuantType.QInt16, only=set(keep) - set(as_float)))
+    if recipe.weight_type in WEIGHT_ONLY_TYPES:  # 4 bits for the MatMuls alone: HTP gathers no 4-bit embedding
+        weight_type = QuantType.QInt8
+    kept_type = getattr(QuantType, NPU_KEEP_BITS[recipe.mixed.keep_as if recipe.mixed else "w16"])
+    overrides.update(_per_channel_matmul(src, kept_type, only=set(keep) - set(as_float)))
     if recipe.kv_type:  # a generation graph's KV cache, in and out (static_llm names it past_*)
         overrides.update(_kv_overrides(src, getattr(QuantType, recipe.kv_type)))
     sources = _layout_sources(src) if ranges else {}

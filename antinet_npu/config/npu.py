@@ -32,6 +32,7 @@ class TargetConfig:
 
 RMSNORM_FORMS = ("fused", "decomposed")
 QDQ_TYPES = ("QUInt8", "QInt8", "QUInt16", "QInt16")
+WEIGHT_ONLY_TYPES = ("QInt4",)  # MatMul weights per output channel; the embedding's Gather stays at QInt8
 NPU_METHODS = ("qdq", "fp16")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
 
@@ -44,7 +45,8 @@ class QdqRecipeConfig:
         "qdq: static QDQ as below; fp16: no quantization, the float graph compiled at fp16 precision on HTP "
         "(enable_htp_fp16_precision; generation parts only): the float reference a quantized recipe is judged by"))
     activation_type: str = field(default="QUInt16", metadata=doc(", ".join(QDQ_TYPES)))
-    weight_type: str = field(default="QUInt8", metadata=doc(", ".join(QDQ_TYPES)))
+    weight_type: str = field(default="QUInt8", metadata=doc(", ".join(QDQ_TYPES + WEIGHT_ONLY_TYPES) + " (QInt4: "
+                                                             "the MatMuls' weights, per channel; other weights QInt8)"))
     per_channel: bool = field(default=False, metadata=doc("per-output-channel symmetric weights (MatMul, Conv); "
                                                              "needs a signed weight_type"))
     calibrate_method: str = field(default="MinMax", metadata=doc(", ".join(CALIBRATION_METHODS)))
@@ -68,10 +70,14 @@ class QdqRecipeConfig:
         require(not (self.fp16 and self.mixed), "method fp16 quantizes nothing: drop mixed")
         require(self.kv_type is None or self.kv_type in QDQ_TYPES, f"kv_type must be null or one of "
                  f"{', '.join(QDQ_TYPES)}, got {self.kv_type!r}")
-        require(self.activation_type in QDQ_TYPES and self.weight_type in QDQ_TYPES,
-                 f"activation_type and weight_type must be one of {', '.join(QDQ_TYPES)}")
+        require(self.activation_type in QDQ_TYPES, f"activation_type must be one of {', '.join(QDQ_TYPES)}, "
+                 f"got {self.activation_type!r}")
+        require(self.weight_type in QDQ_TYPES + WEIGHT_ONLY_TYPES,
+                 f"weight_type must be one of {', '.join(QDQ_TYPES + WEIGHT_ONLY_TYPES)}, got {self.weight_type!r}")
+        require(self.weight_type not in WEIGHT_ONLY_TYPES or self.per_channel,
+                 f"weight_type {self.weight_type} is per output channel: set per_channel true")
         require(not self.per_channel or self.weight_type.startswith("QInt"),
-                 f"per_channel weights are symmetric: use weight_type QInt8 or QInt16, not {self.weight_type}")
+                 f"per_channel weights are symmetric: use weight_type QInt4, QInt8 or QInt16, not {self.weight_type}")
         require(self.calibrate_method in CALIBRATION_METHODS,
                  f"calibrate_method must be one of {', '.join(CALIBRATION_METHODS)}")
         if self.mixed is not None:

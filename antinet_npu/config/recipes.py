@@ -64,7 +64,8 @@ class MixedConfig:
     keep: int = field(default=0, metadata=doc("how many of the most sensitive groups to keep"))
     keep_as: str = field(default="float", metadata=doc("CPU: float | 8bit (8-bit blocks of block_size) | "
                                                          "fp32-compute (same bits, float activations: slow on CPU); "
-                                                         "NPU: w16 (16-bit weights) | float (fp16 on HTP)"))
+                                                         "NPU: w16 (16-bit weights) | w8 (8-bit weights, for a 4-bit "
+                                                         "recipe) | float (fp16 on HTP)"))
     block_size: Optional[int] = field(default=None, metadata=doc("keep_as 8bit: block size of the kept groups "
                                                                    "(null: the recipe's); smaller blocks also "
                                                                    "quantize their activations in smaller blocks"))
@@ -92,7 +93,8 @@ class SmoothConfig:
 
 
 CPU_KEEP_AS = ("float", "8bit", "fp32-compute")
-NPU_KEEP_AS = ("w16", "float")
+NPU_KEEP_AS = ("w16", "w8", "float")
+NPU_KEEP_BITS = {"w16": "QInt16", "w8": "QInt8"}  # keep_as -> the kept MatMuls' weight type
 
 
 QUANT_METHODS = ("fp16", "dynamic-int8", "matmul-nbits")

@@ -273,11 +273,14 @@ def npu_generation_lines(model: str, root: Path = METRICS) -> list[str]:
     if not found:
         return []
     lines = ["### NPU generation parts (compile-gen)", "",
-             "| precision | parts | AR-N / context | .bin MB shipped | .bin MB unshared | nodes on CPU | top-1 | "
-             "cosine | perplexity | greedy = FP32 | verified on |", "|---" * 11 + "|"]
+             "| precision | weights / activations / KV | parts | AR-N / context | .bin MB shipped | .bin MB unshared | "
+             "nodes on CPU | top-1 | cosine | perplexity | greedy = FP32 | verified on |", "|---" * 12 + "|"]
     for name, m in sorted(found.items()):
         unshared = sum(p.get("unshared_bin_mb", 0) for p in m.get("parts", {}).values())
-        lines.append(f"| {name} | {m['num_parts']} | {m['prefill_len']} / {m['context_length']} | {m['bin_mb']:.1f} "
+        kept = f" ({len(m['kept_groups'].split(','))} groups {m['mixed_keep_as']})" if m.get("kept_groups") else ""
+        types = f"{m.get('weight_type', '?')}{kept} / {m.get('activation_type', '?')} / {m.get('kv_type', '?')}"
+        lines.append(f"| {name} | {types} | {m['num_parts']} | {m['prefill_len']} / {m['context_length']} | "
+                     f"{m['bin_mb']:.1f} "
                      f"({'shared' if m.get('shared') else 'unshared'}) | {unshared:.1f} | {m['cpu_compute_nodes']} | "
                      f"{m['top1_agreement']:.4f} | {m['cosine']:.5f} | {100 * m['ppl_increase']:+.2f} % | "
                      f"{_fmt(m.get('gen_agreement'), '.3f')} | {m['device']}{' (emulated)' if m['emulated'] else ''}"

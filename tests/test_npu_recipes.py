@@ -1,0 +1,65 @@
+"""NPU recipes on small hand-made graphs, compiled and run on the QNN HTP backend (the emulator here; fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from antinet_npu.build import qnn
+from antinet_npu.config import TargetConfig
+
+
+def _embed_and_project(k: int = 128, n: int = 256, vocab: int = 64):
+    """An embedding Gather and two MatMuls with constant weights: the shapes a w4a16 recipe treats differently."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((vocab, k)).astype(np.float32), "embed"),
+               numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w_up"),
+               numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32), "w_down")]
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["x"], name="embed_tokens"),
+             helper.make_node("MatMul", ["x", "w_up"], ["h"], name="up_proj"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w_down"], ["y"], name="down_proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT32, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, k])], weights)
+    feeds = [{"ids": rng.integers(0, vocab, (1, 16)).astype(np.int32)} for _ in range(4)]
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), feeds
+
+
+def test_w4a16_packs_matmul_weights_in_4_bits_and_htp_runs_them(tmp_path, monkeypatch):
+    """weight_type QInt4: the MatMuls' weights int4 per output channel, a kept group's int8 (keep_as w8), the
+    embedding's table as before; all of it compiles into one HTP context, 4-bit weights really 4-bit in the .bin,
+    and the emulator computes what onnxruntime's CPU QDQ reference does (relative to the output's scale)."""
+    import onnxruntime as ort
+
+    from antinet_npu.build.quantization import qdq_static
+    from antinet_npu.config import QdqRecipeConfig
+    from antinet_npu.config.recipes import MixedConfig
+
+    monkeypatch.chdir(tmp_path)
+    model, feeds = _embed_and_project()
+    onnx.save(model, tmp_path / "f.onnx")
+    sizes, outputs = {}, {}
+    for weight_type, keep in (("QInt8", []), ("QInt4", []), ("QInt4", ["down_proj"])):
+        recipe = QdqRecipeConfig(activation_type="QUInt16", weight_type=weight_type, per_channel=True,
+                                 mixed=MixedConfig(probe="w4a16", keep=len(keep), keep_as="w8") if keep else None)
+        recipe.check()
+        qdq = qdq_static(tmp_path / "f.onnx", recipe, iter(feeds), keep)
+        bits = {i.name: i.data_type for i in qdq.graph.initializer if i.name in ("embed", "w_up", "w_down")
+                or i.name.startswith(("embed_quantized", "w_up_quantized", "w_down_quantized"))}
+        types = {name.split("_quantized")[0]: t for name, t in bits.items()}
+        wide = TensorProto.INT4 if weight_type == "QInt4" else TensorProto.INT8
+        # the Gather's table is quantized as the activations are (uint16), whatever the weights' type
+        assert types == {"embed": TensorProto.UINT16, "w_up": wide,
+                         "w_down": TensorProto.INT8 if keep else wide}, types
+        name = f"{weight_type}-{len(keep)}"
+        onnx.save(qdq, tmp_path / f"{name}.onnx")
+        qnn.compile_context(tmp_path / f"{name}.onnx", tmp_path / f"{name}_ctx.onnx", TargetConfig())
+        assert qnn.nodes_outside_context(tmp_path / f"{name}_ctx.onnx")[1] == []
+        sizes[name] = sum(b.stat().st_size for b in qnn.context_binaries(tmp_path / f"{name}_ctx.onnx"))
+        htp = qnn.session(tmp_path / f"{name}_ctx.onnx", TargetConfig()).run(None, feeds[0])[0]
+        cpu = ort.InferenceSession(tmp_path / f"{name}.onnx", providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+        assert np.linalg.norm(htp - cpu) <= 0.02 * np.linalg.norm(cpu), name
+        outputs[name] = cpu
+    # 128 x 256 + 256 x 128 weights: 32 KiB fewer at 4 bits; keeping down_proj at 8 bits gives back half of that
+    assert sizes["QInt8-0"] - sizes["QInt4-0"] >= 30_000 and sizes["QInt4-0"] < sizes["QInt4-1"] < sizes["QInt8-0"]
