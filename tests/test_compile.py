@@ -100,7 +100,7 @@ def test_sequence_longer_than_max_positions(pipeline):
 
 def test_unknown_npu_precision_and_missing_static_graph(pipeline):
     line = error_line(run_cli(pipeline.path, "compile", "--precision", "w4a4", "--seq-len", "32"), "compile")
-    assert "unknown NPU precision 'w4a4': valid ones are w8a16, w8a16-mixed, w8a8 (or add" in line
+    assert "unknown NPU precision 'w4a4': valid ones are w8a16, w8a16-mixed, w4a16, w8a8 (or add" in line
     line = error_line(run_cli(pipeline.path, "compile", "--precision", "fp16", "--seq-len", "32"), "compile")
     assert "'fp16' (method fp16) builds the generation parts only: `antinet-npu compile-gen --precision fp16`" in line
     line = error_line(run_cli(pipeline.path, "compile", "--precision", "w8a16", "--seq-len", "64"), "compile")

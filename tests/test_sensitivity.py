@@ -89,8 +89,9 @@ def test_a_group_replays_the_layers_before_it_and_measures_the_same():
 
 @pytest.mark.slow
 def test_repro_measures_every_group_and_ranks_them(pipeline):
-    assert {"sensitivity@int8-block", "sensitivity@w8a16"} <= set(pipeline.first_run)
-    for probe in ("int8-block", "w8a16"):
+    probes = ("int8-block", "w8a16", "w4a16")
+    assert {f"sensitivity@{probe}" for probe in probes} <= set(pipeline.first_run)
+    for probe in probes:
         m = _metrics(pipeline.path, f"sensitivity/{probe}")
         assert m["model"] == "tiny-qwen2" and m["probe"] == probe and m["num_groups"] == 3 * LAYERS + 2
         assert sorted(g["rank"] for g in m["groups"].values()) == list(range(1, m["num_groups"] + 1))
@@ -99,7 +100,7 @@ def test_repro_measures_every_group_and_ranks_them(pipeline):
     # static 16-bit activations (the NPU probe) are also judged site by site
     assert set(_metrics(pipeline.path, "sensitivity/w8a16")["activations"]) == set(sensitivity.ACTIVATION_SITES)
     rows = (pipeline.path / "reports/plots/sensitivity.csv").read_text().splitlines()
-    assert rows[0] == "probe,group,rank,kl,top1_agreement" and len(rows) == 1 + 2 * (3 * LAYERS + 2)
+    assert rows[0] == "probe,group,rank,kl,top1_agreement" and len(rows) == 1 + len(probes) * (3 * LAYERS + 2)
 
 
 @pytest.mark.slow
