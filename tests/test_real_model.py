@@ -34,6 +34,8 @@ OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[128]", "compile.precisions
              # the main text only, for now: SmolLM2's gates and figures on the news domain are not yet measured on
              # this code (issue 31 reports 1-2 points lower top-1 on other prose); the builtin pipeline gates both
              "~text.domains.news",
+             # w4a16 misses its goal on SmolLM2 by far (README, "4-bit weights on the NPU"): not built here yet
+             "~compile.recipes.w4a16", "~sensitivity.probes.w4a16",
              "compile.generation.verify_prompts=2", "compile.generation.verify_new_tokens=8",
              "quantize.precisions=[int8-dynamic,int8-block,int8-smooth,int8-mixed,int4-block]",
              "~evaluate.variants.fp16",
