@@ -105,4 +105,3 @@ def test_unknown_npu_precision_and_missing_static_graph(pipeline):
     assert "'fp16' (method fp16) builds the generation parts only: `antinet-npu compile-gen --precision fp16`" in line
     line = error_line(run_cli(pipeline.path, "compile", "--precision", "w8a16", "--seq-len", "64"), "compile")
     assert "tiny-qwen2-s64.onnx not found: run `dvc repro export-npu@64` first" in line
-
