@@ -57,8 +57,10 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
     ctx_out = artifacts.ctx_path(cfg.model.name, precision, seq_len)
     with artifacts.staged_files(ctx_out.parent) as tmp:
         start = time.perf_counter()
-        log.info("static QDQ %s (%s activations, %s weights%s%s), %d calibration windows", precision,
-                 recipe.activation_type, recipe.weight_type, "; float residual stream" if recipe.float_residual else "",
+        blocks = f" in blocks of {recipe.block_size}" if recipe.block_size else ""
+        log.info("static QDQ %s (%s activations, %s%s weights%s%s), %d calibration windows", precision,
+                 recipe.activation_type, recipe.weight_type, blocks,
+                 "; float residual stream" if recipe.float_residual else "",
                  f"; {recipe.mixed.keep_as} for {', '.join(groups)}" if groups else "", len(calibration))
         model = quantization.qdq_static(src, recipe, calibration, keep)
         compute_nodes = sum(n.op_type not in qnn.BOUNDARY_OPS for n in model.graph.node)
@@ -97,7 +99,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
             model=cfg.model.name, precision=precision, seq_len=seq_len, backend="qnn-htp",
             device=qnn.device_name(), emulated=qnn.emulated(), target=cfg.target.name,
             soc_model=cfg.target.soc_model, htp_arch=cfg.target.htp_arch, activation_type=recipe.activation_type,
-            weight_type=recipe.weight_type, float_residual=recipe.float_residual,
+            weight_type=recipe.weight_type, weight_block_size=recipe.block_size, float_residual=recipe.float_residual,
             **sensitivity.mixed_metrics(recipe.mixed, groups, keep),
             samples=len(windows), **result, context_nodes=contexts,
             compute_nodes=compute_nodes, cpu_compute_nodes=len(outside),

@@ -177,6 +177,7 @@ def run(cfg: Config, precision: str) -> dict:
             method=recipe.method, **({"activation_type": "float16", "weight_type": "float16", "kv_type": "float32"}
                                      if recipe.fp16 else
                                      {"activation_type": recipe.activation_type, "weight_type": recipe.weight_type,
+                                      "weight_block_size": recipe.block_size,
                                       "kv_type": recipe.kv_type or recipe.activation_type}),
             float_residual=recipe.float_residual, quantized_io=quantized_io,
             **sensitivity.mixed_metrics(recipe.mixed, kept, [x for nodes in part_nodes for g in kept

@@ -67,6 +67,8 @@ def _params(tmp_path: Path, edit) -> Path:
      "activation_type must be one of QUInt8, QInt8, QUInt16, QInt16, got 'QInt4'"),
     (lambda d: d["compile"]["recipes"]["w4a16"].update(per_channel=False),
      "weight_type QInt4 is per output channel: set per_channel true"),
+    (lambda d: d["compile"]["recipes"]["w8a16"].update(block_size=32),
+     "block_size 32 is for weight_type QInt4 (0: per channel)"),
 ])
 def test_bad_params_are_one_line_errors(tmp_path, edit, expected):
     with pytest.raises(AntinetError) as err:

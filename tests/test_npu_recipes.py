@@ -27,9 +27,10 @@ def _embed_and_project(k: int = 128, n: int = 256, vocab: int = 64):
 
 
 def test_w4a16_packs_matmul_weights_in_4_bits_and_htp_runs_them(tmp_path, monkeypatch):
-    """weight_type QInt4: the MatMuls' weights int4 per output channel, a kept group's int8 (keep_as w8), the
-    embedding's table as before; all of it compiles into one HTP context, 4-bit weights really 4-bit in the .bin,
-    and the emulator computes what onnxruntime's CPU QDQ reference does (relative to the output's scale)."""
+    """weight_type QInt4: the MatMuls' weights int4 per output channel or in blocks of 32 along K, a kept group's
+    int8 (keep_as w8), the embedding's table as before; all of it compiles into one HTP context, 4-bit weights really
+    4-bit in the .bin, and the emulator computes what onnxruntime's CPU QDQ reference does (relative to the output's
+    scale)."""
     import onnxruntime as ort
 
     from antinet_npu.build.quantization import qdq_static
@@ -39,9 +40,12 @@ def test_w4a16_packs_matmul_weights_in_4_bits_and_htp_runs_them(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     model, feeds = _embed_and_project()
     onnx.save(model, tmp_path / "f.onnx")
-    sizes = {}
-    for weight_type, keep in (("QInt8", []), ("QInt4", []), ("QInt4", ["down_proj"])):
+    sizes, errors = {}, {}
+    float_out = ort.InferenceSession(tmp_path / "f.onnx", providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    for weight_type, keep, block in (("QInt8", [], 0), ("QInt4", [], 0), ("QInt4", ["down_proj"], 0),
+                                     ("QInt4", [], 32)):
         recipe = QdqRecipeConfig(activation_type="QUInt16", weight_type=weight_type, per_channel=True,
+                                 block_size=block,
                                  mixed=MixedConfig(probe="w4a16", keep=len(keep), keep_as="w8") if keep else None)
         recipe.check()
         qdq = qdq_static(tmp_path / "f.onnx", recipe, iter(feeds), keep)
@@ -52,7 +56,9 @@ def test_w4a16_packs_matmul_weights_in_4_bits_and_htp_runs_them(tmp_path, monkey
         # the Gather's table is quantized as the activations are (uint16), whatever the weights' type
         assert types == {"embed": TensorProto.UINT16, "w_up": wide,
                          "w_down": TensorProto.INT8 if keep else wide}, types
-        name = f"{weight_type}-{len(keep)}"
+        name = f"{weight_type}-{len(keep)}" + (f"-b{block}" if block else "")
+        blocked = [n for n in qdq.graph.node if any(a.name == "block_size" for a in n.attribute)]
+        assert len(blocked) == (2 if block else 0)  # both MatMuls, not the embedding
         onnx.save(qdq, tmp_path / f"{name}.onnx")
         qnn.compile_context(tmp_path / f"{name}.onnx", tmp_path / f"{name}_ctx.onnx", TargetConfig())
         assert qnn.nodes_outside_context(tmp_path / f"{name}_ctx.onnx")[1] == []
@@ -60,5 +66,9 @@ def test_w4a16_packs_matmul_weights_in_4_bits_and_htp_runs_them(tmp_path, monkey
         htp = qnn.session(tmp_path / f"{name}_ctx.onnx", TargetConfig()).run(None, feeds[0])[0]
         cpu = ort.InferenceSession(tmp_path / f"{name}.onnx", providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
         assert np.linalg.norm(htp - cpu) <= 0.02 * np.linalg.norm(cpu), name
+        errors[name] = np.linalg.norm(cpu - float_out) / np.linalg.norm(float_out)
     # 128 x 256 + 256 x 128 weights: 32 KiB fewer at 4 bits; keeping down_proj at 8 bits gives back half of that
     assert sizes["QInt8-0"] - sizes["QInt4-0"] >= 30_000 and sizes["QInt4-0"] < sizes["QInt4-1"] < sizes["QInt8-0"]
+    # blocks of 32 along K: a scale per 32 weights costs bytes, and buys fidelity
+    assert sizes["QInt4-0"] < sizes["QInt4-0-b32"] < sizes["QInt8-0"]
+    assert errors["QInt4-0-b32"] < errors["QInt4-0"], errors

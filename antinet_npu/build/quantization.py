@@ -334,7 +334,7 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], 
     excluded = recipe.nodes_to_exclude + as_float + (residual_nodes(src) if recipe.float_residual else [])
     weight_type = getattr(QuantType, recipe.weight_type)
     overrides = _per_channel_matmul(src, weight_type) if recipe.per_channel else {}
-    if recipe.weight_type in WEIGHT_ONLY_TYPES:  # 4 bits for the MatMuls alone: HTP gathers no 4-bit embedding
+    if recipe.weight_type in WEIGHT_ONLY_TYPES:  # 4 bits in the MatMul overrides only; other weights (norms) at 8
         weight_type = QuantType.QInt8
     kept_type = getattr(QuantType, NPU_KEEP_BITS[recipe.mixed.keep_as if recipe.mixed else "w16"])
     overrides.update(_per_channel_matmul(src, kept_type, only=set(keep) - set(as_float)))
@@ -358,7 +358,68 @@ def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], 
     with scratch_dir(MODELS, "qdq") as tmp:
         out = Path(tmp) / "qdq.onnx"
         ort_quantize(str(src), str(out), config)
-        return onnx.load(out)
+        model = onnx.load(out)
+    if recipe.block_size:
+        log.info("int4 weights in blocks of %d: %d MatMuls", recipe.block_size,
+                 int4_blocks(model, src, recipe.block_size))
+    return model
+
+
+def int4_blocks(model: onnx.ModelProto, src: Path, block: int) -> int:
+    """Re-quantize a QDQ model's int4 MatMul weights (per output channel, as onnxruntime's quantizer emits them) in
+    blocks of `block` values along K, from their float values in `src`; returns how many.
+
+    One scale per block, the block's signed extreme / -8 (llama.cpp's Q4_0): the extreme lands exactly on -8 and
+    all 16 levels are used. SmolLM2-135M, fake-quantized, lm_head at 8 bits: +19 % perplexity vs +30 % with
+    |max| / 7 and +100 % per channel. HTP (v73, QNN 2.51 emulator) runs a block-wise DequantizeLinear (opset 21)
+    with such scales, negative ones included, but symmetric only: it accepts int4 zero points and ignores them
+    (75 % off the CPU reference, measured), so none are written."""
+    from onnx import external_data_helper, numpy_helper
+
+    floats = {t.name: t for t in onnx.load(src, load_external_data=False).graph.initializer}
+    init = {t.name: t for t in model.graph.initializer}
+    count = 0
+    for node in model.graph.node:
+        quantized = init.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if quantized is None or quantized.data_type != onnx.TensorProto.INT4 or len(quantized.dims) != 2:
+            continue
+        source = floats[node.input[0].removesuffix("_quantized")]
+        if external_data_helper.uses_external_data(source):
+            external_data_helper.load_external_data_for_tensor(source, str(src.parent))
+        weight = numpy_helper.to_array(source).astype(np.float32)
+        k, n = weight.shape
+        if k % block:
+            raise AntinetError(f"{source.name}: K = {k} is not a multiple of compile recipe block_size {block}: "
+                               f"use a divisor of {k}, or 0 (per channel)")
+        blocks = weight.reshape(k // block, block, n)
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(1)[:, None, :], 1)[:, 0, :]
+        scale = np.where(extreme == 0, 1.0, extreme / -8).astype(np.float32)
+        ints = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7).astype(np.int8).reshape(k, n)
+        quantized.CopyFrom(_int4(quantized.name, ints))
+        init[node.input[1]].CopyFrom(numpy_helper.from_array(scale, node.input[1]))
+        if len(node.input) > 2 and node.input[2]:
+            init[node.input[2]].CopyFrom(_int4(node.input[2], np.zeros(scale.shape, np.int8)))
+        node.domain = ""  # com.microsoft's DequantizeLinear has no block_size
+        kept = [a for a in node.attribute if a.name not in ("axis", "block_size")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.extend([onnx.helper.make_attribute("axis", 0), onnx.helper.make_attribute("block_size", block)])
+        source.ClearField("raw_data")
+        count += 1
+    for opset in model.opset_import:  # DequantizeLinear's block_size is opset 21
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 21)
+    return count
+
+
+def _int4(name: str, values: np.ndarray) -> onnx.TensorProto:
+    """An INT4 initializer: two values per byte, the first in the low nibble (the ONNX layout)."""
+    nibbles = values.reshape(-1).astype(np.uint8) & 0x0F
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.INT4, dims=values.shape)
+    tensor.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+    return tensor
 
 
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")

@@ -32,7 +32,7 @@ class TargetConfig:
 
 RMSNORM_FORMS = ("fused", "decomposed")
 QDQ_TYPES = ("QUInt8", "QInt8", "QUInt16", "QInt16")
-WEIGHT_ONLY_TYPES = ("QInt4",)  # MatMul weights per output channel; the embedding's Gather stays at QInt8
+WEIGHT_ONLY_TYPES = ("QInt4",)  # MatMul weights only; the embedding table is quantized as an activation
 NPU_METHODS = ("qdq", "fp16")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
 
@@ -46,9 +46,12 @@ class QdqRecipeConfig:
         "(enable_htp_fp16_precision; generation parts only): the float reference a quantized recipe is judged by"))
     activation_type: str = field(default="QUInt16", metadata=doc(", ".join(QDQ_TYPES)))
     weight_type: str = field(default="QUInt8", metadata=doc(", ".join(QDQ_TYPES + WEIGHT_ONLY_TYPES) + " (QInt4: "
-                                                             "the MatMuls' weights, per channel; other weights QInt8)"))
+                                                             "the MatMuls' weights, per channel; other weights QInt8, "
+                                                             "the embedding table as the activations)"))
     per_channel: bool = field(default=False, metadata=doc("per-output-channel symmetric weights (MatMul, Conv); "
                                                              "needs a signed weight_type"))
+    block_size: int = field(default=0, metadata=doc("QInt4 MatMul weights: 0 = one scale per output channel; N = "
+                                                      "one per N values along K (HTP: symmetric, no zero point)"))
     calibrate_method: str = field(default="MinMax", metadata=doc(", ".join(CALIBRATION_METHODS)))
     activation_symmetric: bool = False
     nodes_to_exclude: list[str] = field(default_factory=list)
@@ -78,6 +81,8 @@ class QdqRecipeConfig:
                  f"weight_type {self.weight_type} is per output channel: set per_channel true")
         require(not self.per_channel or self.weight_type.startswith("QInt"),
                  f"per_channel weights are symmetric: use weight_type QInt4, QInt8 or QInt16, not {self.weight_type}")
+        require(self.block_size >= 0 and (self.block_size == 0 or self.weight_type in WEIGHT_ONLY_TYPES),
+                 f"block_size {self.block_size} is for weight_type {', '.join(WEIGHT_ONLY_TYPES)} (0: per channel)")
         require(self.calibrate_method in CALIBRATION_METHODS,
                  f"calibrate_method must be one of {', '.join(CALIBRATION_METHODS)}")
         if self.mixed is not None:

@@ -278,7 +278,8 @@ def npu_generation_lines(model: str, root: Path = METRICS) -> list[str]:
     for name, m in sorted(found.items()):
         unshared = sum(p.get("unshared_bin_mb", 0) for p in m.get("parts", {}).values())
         kept = f" ({len(m['kept_groups'].split(','))} groups {m['mixed_keep_as']})" if m.get("kept_groups") else ""
-        types = f"{m.get('weight_type', '?')}{kept} / {m.get('activation_type', '?')} / {m.get('kv_type', '?')}"
+        block = f" b{m['weight_block_size']}" if m.get("weight_block_size") else ""
+        types = f"{m.get('weight_type', '?')}{block}{kept} / {m.get('activation_type', '?')} / {m.get('kv_type', '?')}"
         lines.append(f"| {name} | {types} | {m['num_parts']} | {m['prefill_len']} / {m['context_length']} | "
                      f"{m['bin_mb']:.1f} "
                      f"({'shared' if m.get('shared') else 'unshared'}) | {unshared:.1f} | {m['cpu_compute_nodes']} | "
