@@ -73,7 +73,9 @@ def make_project(dest: Path, overrides: list[str] = TEST_OVERRIDES) -> Path:
                            capture_output=True, text=True).stdout.split("\0")
     for name in filter(None, files):
         src = ROOT / name
-        produced = name.startswith(("metrics/", "reports/")) and not name.startswith("metrics/devices/")
+        # produced metrics stay behind; each metrics folder's .gitkeep and other devices' results come along
+        produced = name.startswith("reports/") or (name.startswith("metrics/") and name.endswith(".json")
+                                                   and not name.startswith("metrics/devices/"))
         if src.is_file() and not produced and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)

