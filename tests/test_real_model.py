@@ -33,8 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 _SINGLE_PASS = ("torch-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8-dynamic", "ort-cpu-int8-block",
                 "ort-cpu-int8-mixed", "ort-cpu-int4-block")
 OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[]", "compile.precisions=[]",
-             # the main text only, for now: SmolLM2's gates and figures on the news domain are not yet measured on
-             # this code (issue 31 reports 1-2 points lower top-1 on other prose); the builtin pipeline gates both
+             # the main text only, for now: with the news domain int8-smooth misses its top-1 goal there (0.965,
+             # README, "CPU variants and their fidelity"); the builtin pipeline gates both domains
              "~text.domains.news",
              # w4a16 misses its goal on SmolLM2 by far (README, "4-bit weights on the NPU"): not built here yet
              "~compile.recipes.w4a16", "~sensitivity.probes.w4a16",
@@ -91,6 +91,12 @@ def _metrics(project: Path, name: str) -> dict:
     return json.loads((project / "metrics" / f"{name}.json").read_text())
 
 
+def _top_groups(project: Path, probe: str, n: int) -> list[str]:
+    """The `n` groups a MatMul recipe may keep that `probe` ranks most damaging, in rank order."""
+    ranking = _metrics(project, f"sensitivity/{probe}")["groups"]
+    return [name for _, name in sorted((g["rank"], name) for name, g in ranking.items() if name != "embedding")][:n]
+
+
 def test_sensitivity_ranks_every_group(real):
     for probe in ("int8-block", "w8a16"):
         m = _metrics(real, f"sensitivity/{probe}")
@@ -108,10 +114,8 @@ def test_cpu_8bit_mixed_meets_the_goal(real):
     q = _metrics(real, "quantize/int8-mixed")
     assert q["kept_groups"] and q["kept_nodes"] > 0 and q["mixed_probe"] == "int8-block"
     # the kept groups are the probe's top-ranked ones
-    ranking = _metrics(real, "sensitivity/int8-block")["groups"]
     kept = q["kept_groups"].split(",")
-    candidates = sorted((g["rank"], name) for name, g in ranking.items() if name != "embedding")
-    assert kept == [name for _, name in candidates[:len(kept)]]
+    assert kept == _top_groups(real, "int8-block", len(kept))
 
 
 def test_cpu_8bit_smoothed_meets_the_goal_with_int8_blocks_graph(real):
@@ -159,10 +163,9 @@ def test_npu_generation_parts_on_a_real_model(real):
     assert m["model"] == "smollm2-135m" and m["emulated"] and m["cpu_compute_nodes"] == 0
     assert m["samples"] >= 16 and m["window_len"] == 128 and m["gate_passed"]
     assert m["top1_agreement"] >= 0.95 and m["ppl_increase"] <= 0.01  # the goal (measured 0.957, +0.64 %)
-    ranking = _metrics(real, "sensitivity/w8a16")["groups"]  # a part keeps the model-wide top groups it holds
-    kept = m["kept_groups"].split(",")
-    top = sorted((g["rank"], name) for name, g in ranking.items() if name != "embedding")[:len(kept)]
-    assert m["mixed_keep_as"] == "w16" and m["float_residual"] is True and set(kept) == {name for _, name in top}
+    kept = m["kept_groups"].split(",")  # a part keeps the model-wide top groups it holds
+    assert m["mixed_keep_as"] == "w16" and m["float_residual"] is True
+    assert set(kept) == set(_top_groups(real, "w8a16", len(kept)))
     assert m["ppl_increase_ci_low"] <= m["ppl_increase"] <= m["ppl_increase_ci_high"]
     assert 0 <= m["gen_agreement"] <= 1 and m["gen_prompts"] >= 1
     assert all(p["bin_mb"] < p["unshared_bin_mb"] for p in m["parts"].values())
