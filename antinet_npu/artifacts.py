@@ -91,6 +91,11 @@ def genai_dir(model: str, precision: str) -> Path:
     return MODELS / "genai" / f"{model}-{precision}"
 
 
+def gguf_path(model: str, file_type: str) -> Path:
+    """llama.cpp's build of the snapshot (export-gguf), one file."""
+    return MODELS / "gguf" / f"{model}-{file_type}.gguf"
+
+
 def run_artifact(model: str, what: str, precision: str, seq_len: int | None = None) -> tuple[Path, Path]:
     """What a backend loads (`what`: its `BackendSpec` artifact kind) for `precision`, and the file that holds its
     weights: the one place a run's artifact is named. The run lists under conf/ spell the same paths for DVC (its deps
@@ -102,6 +107,8 @@ def run_artifact(model: str, what: str, precision: str, seq_len: int | None = No
         return path, external_data(path)
     if what == "genai":
         return genai_dir(model, precision), genai_dir(model, precision)
+    if what == "gguf":
+        return gguf_path(model, precision), gguf_path(model, precision)
     if what == "genie":
         return genie_dir(model, precision), genie_dir(model, precision)
     if what == "qnn-context" and seq_len:

@@ -47,6 +47,9 @@ STAGES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "export-genai": ("PyTorch snapshot -> models/genai/<model>-<precision>/ by onnxruntime-genai's model builder "
                      "(the CPU generation peer)",
                      [("--precision", dict(required=True, help="int4, int8, fp16 or fp32"))]),
+    "export-gguf": ("PyTorch snapshot -> models/gguf/<model>-<type>.gguf for llama.cpp (the other CPU generation "
+                    "peer), quantized by llama.cpp itself",
+                    [("--type", dict(required=True, dest="file_type", help="q4_0, q8_0 or f16"))]),
     "bench-gen": ("prefill + decode: time to first token and decode tokens/s -> metrics/bench-gen/<run>.json",
                   [("--run", dict(required=True, help="a key of bench.generation.runs, e.g. ort-cpu-int8-block")),
                    DEVICE]),

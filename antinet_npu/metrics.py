@@ -94,13 +94,14 @@ COMPILE = MetricsFile("compile", "{precision}-{seq_len}", ("model", "precision",
 COMPILE_GEN = MetricsFile("compile-gen", "{precision}", ("model", "precision", *RAN, *FIDELITY, "gen_agreement"))
 GENIE = MetricsFile("genie", "{precision}", ("model", "precision", *RAN, "genie_host_agreement", "gate_passed"))
 EXPORT_GENAI = MetricsFile("export-genai", "{precision}", ("model", "precision", "gen_agreement"))
+EXPORT_GGUF = MetricsFile("export-gguf", "{precision}", ("model", "precision", "gen_agreement"))
 BENCH = MetricsFile("bench", "{run}", ("model", "run", *RAN, "requested_backend", "fallback_reason", "precision_run",
                                        "avg_latency_ms", "budget_ms", "within_budget"))
 BENCH_GEN = MetricsFile("bench-gen", "{run}", ("model", "run", *RAN, "kv_cache", "new_tokens"))
 SPEEDUP = MetricsFile("speedup", records=(), provenance=False)  # report's ratios, by bench run
 
 KINDS = {k.stage: k for k in (PREPARE, EXPORT, SENSITIVITY, QUANTIZE, EVALUATE, EXPORT_NPU, EXPORT_NPU_GEN, COMPILE,
-                              COMPILE_GEN, GENIE, EXPORT_GENAI, BENCH, BENCH_GEN, SPEEDUP)}
+                              COMPILE_GEN, GENIE, EXPORT_GENAI, EXPORT_GGUF, BENCH, BENCH_GEN, SPEEDUP)}
 
 
 def device_root(device: str | None, root: Path = ROOT) -> Path:

@@ -17,14 +17,12 @@ import sys
 import time
 
 from antinet_npu import AntinetError, artifacts
-from antinet_npu.build import checkpoint, corpus, onnx_models
+from antinet_npu.build import checkpoint, onnx_models
 from antinet_npu.config import Config
-from antinet_npu.measure import fidelity
+from antinet_npu.measure import peers
 from antinet_npu.measure.provenance import record
 from antinet_npu.metrics import EXPORT_GENAI
-from antinet_npu.runtime import generation
 from antinet_npu.runtime.backends.ort_genai import GenaiStepper, require
-from antinet_npu.signature import Signature
 
 log = logging.getLogger("export-genai")
 
@@ -51,28 +49,16 @@ def run(cfg: Config, precision: str) -> dict:
                                f"`{' '.join(cmd)}`")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # the builder's download cache (a local source: empty)
         build_seconds = time.perf_counter() - start
-        # Greedy continuations of held-out prompts vs our FP32 export (same protocol as evaluate)
-        ev = cfg.evaluate
-        tokenizer = checkpoint.load_text_tokenizer(snapshot)
-        docs = corpus.split_documents(cfg.text)["eval"]
-        prompts = corpus.generation_prompts(tokenizer, docs, ev.prompt_len, max(ev.gen_prompts, 1))
-        ours = generation.OrtKvStepper(onnx_models.cpu_session(reference), Signature.read(reference))
-        expected = [list(generation.generate(ours, p, ev.gen_tokens)) for p in prompts]
-        del ours
-        model = og.Model(str(tmp))
         context = checkpoint.max_positions(checkpoint.snapshot_config(snapshot))
-        peer = GenaiStepper(model, context)
-        got = [list(generation.generate(peer, p, ev.gen_tokens)) for p in prompts]
-        del peer, model
-    agreement = fidelity.generation_agreement(expected, got)
+        agreement = peers.greedy_agreement(cfg, lambda: GenaiStepper(og.Model(str(tmp)), context))
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     metrics = record(model=cfg.model.name, precision=precision, execution_provider="cpu",
                      builder_peak_rss_mb=_children_peak_rss_mb(), size_mb=round(size_mb, 3),
-                     gen_prompts=len(prompts), gen_tokens=ev.gen_tokens, **agreement,
+                     **agreement,
                      build_seconds=round(build_seconds, 2), seconds=round(time.perf_counter() - start, 2))
     EXPORT_GENAI.write(metrics, precision)
     log.info("%s (%.1f MB): greedy tokens equal to our FP32 export %.3f over %d prompts x %d, in %.1f s", out,
-             size_mb, agreement["gen_agreement"], len(prompts), ev.gen_tokens, metrics["seconds"])
+             size_mb, agreement["gen_agreement"], agreement["gen_prompts"], agreement["gen_tokens"], metrics["seconds"])
     return metrics
 
 

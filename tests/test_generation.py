@@ -77,7 +77,7 @@ def test_generation_runs_must_be_backends_that_can_generate():
 
     runs = {"qnn-gpu-fp32": GenRunConfig(backend="qnn-gpu", precision="fp32", model="m", weights="w")}
     with pytest.raises(AntinetError, match="cannot generate: use one of torch, ort-cpu, qnn-htp, qai-appbuilder, "
-                                           "ort-genai, genie"):
+                                           "ort-genai, llama-cpp, genie"):
         GenerationBenchConfig(runs=runs).check()
     runs = {"ort-cpu-fp32": GenRunConfig(backend="ort-cpu", precision="fp32", model="m", weights="w", cache=False)}
     with pytest.raises(AntinetError, match="must be named ort-cpu-fp32-nocache"):

@@ -15,6 +15,7 @@ BACKENDS = tuple(SPECS)
 SINGLE_PASS_BACKENDS = tuple(n for n, s in SPECS.items() if s.single_pass)
 GENERATION_BACKENDS = tuple(n for n, s in SPECS.items() if s.generation)
 GENAI_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+GGUF_TYPES = ("q4_0", "q8_0", "f16")  # what llama.cpp's quantizer is asked for (export-gguf)
 
 
 @dataclass
@@ -53,6 +54,9 @@ class GenerationBenchConfig:
     iterations: int = field(default=3, metadata=doc("timed generations per prompt length"))
     genai_precisions: list[str] = field(default_factory=lambda: ["int4", "int8", "fp32"],
                                         metadata=doc("onnxruntime-genai models built (export-genai) for the peer"))
+    gguf_types: list[str] = field(default_factory=list,
+                                  metadata=doc("llama.cpp models built (export-gguf) for the other peer: " +
+                                               ", ".join(GGUF_TYPES) + " (needs the llamacpp extra)"))
 
     def check(self) -> None:
         require(bool(self.prompt_lens) and all(p > 0 for p in self.prompt_lens) and self.new_tokens > 1,
@@ -63,6 +67,8 @@ class GenerationBenchConfig:
         for p in self.genai_precisions:
             require(p in GENAI_PRECISIONS, f"bench.generation.genai_precisions: {p!r} is not one of "
                      f"{', '.join(GENAI_PRECISIONS)}")
+        for t in self.gguf_types:
+            require(t in GGUF_TYPES, f"bench.generation.gguf_types: {t!r} is not one of {', '.join(GGUF_TYPES)}")
         for key, run in self.runs.items():
             require(run.backend in GENERATION_BACKENDS,
                      f"bench.generation.runs.{key}: backend {run.backend!r} cannot generate: use one of "

@@ -122,7 +122,7 @@ def speedups(sources: list[Source]) -> dict[str, dict]:
 
 
 STAGE_METRICS = (M.PREPARE, M.EXPORT, M.SENSITIVITY, M.QUANTIZE, M.EVALUATE, M.EXPORT_NPU, M.COMPILE,
-                 M.EXPORT_NPU_GEN, M.COMPILE_GEN, M.GENIE, M.BENCH, M.EXPORT_GENAI, M.BENCH_GEN)
+                 M.EXPORT_NPU_GEN, M.COMPILE_GEN, M.GENIE, M.BENCH, M.EXPORT_GENAI, M.EXPORT_GGUF, M.BENCH_GEN)
 
 
 def resource_lines(model: str, root: Path = METRICS) -> list[str]:
@@ -237,14 +237,14 @@ def generation_lines(model: str, root: Path = METRICS) -> list[str]:
     runs = _generation_runs(model, root)
     if not runs:
         return []
-    evaluate, genai = M.EVALUATE.read(root), M.EXPORT_GENAI.read(root)
-    npu, bundles = M.COMPILE_GEN.read(root), M.GENIE.read(root)
+    built = {"onnx": M.EVALUATE.read(root), "genai": M.EXPORT_GENAI.read(root), "gguf": M.EXPORT_GGUF.read(root),
+             "qnn-parts": M.COMPILE_GEN.read(root), "genie": M.GENIE.read(root)}
     lines = ["### Generation: prefill + decode (greedy, batch 1)", "",
              "| run | backend | precision | KV cache | P | G | TTFT ms | decode tokens/s | p50 ms/token | "
              "p90 ms/token | e2e ms | greedy = FP32 | peak RSS MB |", "|---" * 13 + "|"]
     for run, m, p, f in runs:
         what = artifact_of(m["backend"], generation=True)
-        fid = {"genai": genai, "onnx": evaluate, "qnn-parts": npu, "genie": bundles}.get(what, {}).get(m["precision"])
+        fid = built.get(what, {}).get(m["precision"])
         agree = fid.get("genie_fp32_agreement" if what == "genie" else "gen_agreement") \
             if fid and fid.get("model") == model else None
         backend = f"{m['backend']} (emulated)" if m.get("emulated") else m["backend"]
@@ -253,13 +253,15 @@ def generation_lines(model: str, root: Path = METRICS) -> list[str]:
                      f"{f['p50_decode_ms_per_token']:.2f} | {f['p90_decode_ms_per_token']:.2f} | {f['e2e_ms']:.0f} | "
                      f"{_fmt(agree, '.3f')} | {m['peak_rss_mb']:.0f} |")
     lines += ["", "greedy = FP32: share of greedy tokens equal to our FP32 ONNX model's on held-out prompts "
-              "(evaluate; export-genai for the peer; compile-gen for the NPU parts, against the FP32 parts). Speeds "
-              "compare only within one run on one machine; an emulated run's times say nothing about the NPU.", ""]
+              "(evaluate; export-genai and export-gguf for the peers; compile-gen for the NPU parts, against the FP32 "
+              "parts). Speeds compare only within one run on one machine; an emulated run's times say nothing about "
+              "the NPU.", ""]
     longest = max(p for _, _, p, _ in runs)
     tps = {run: f["decode_tokens_per_s"] for run, m, p, f in runs if p == longest and not m.get("emulated")}
     ratios = [f"{ours} vs {other}: {tps[ours] / tps[other]:.2f}x" for ours, other in (
         ("ort-cpu-int8-block", "ort-genai-int8"), ("ort-cpu-int4-block", "ort-genai-int4"),
-        ("ort-cpu-fp32", "ort-genai-fp32"), ("ort-cpu-int8-block", "ort-cpu-int8-block-nocache"))
+        ("ort-cpu-fp32", "ort-genai-fp32"), ("ort-cpu-int8-block", "llama-cpp-q8_0"),
+        ("ort-cpu-int4-block", "llama-cpp-q4_0"), ("ort-cpu-int8-block", "ort-cpu-int8-block-nocache"))
         if ours in tps and other in tps]
     if ratios:
         lines += [f"Decode tokens/s at P={longest}: " + "; ".join(ratios) + ".", ""]

@@ -32,9 +32,18 @@ class Backend(ABC):
         """Tokens per call, fixed for static-shape artifacts."""
         return self.signature.seq_len if self.signature else None
 
+    @staticmethod
+    def require() -> object:
+        """Import the runtime this backend needs beyond the core (AntinetError naming the extra when missing)."""
+        return None
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """Why this backend cannot run on this machine, or None when it can."""
+        try:
+            cls.require()
+        except AntinetError as exc:
+            return str(exc)
         return None
 
     def check_perf_mode(self) -> None:

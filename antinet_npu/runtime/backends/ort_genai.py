@@ -29,13 +29,7 @@ def require():
 class OrtGenaiBackend(Backend):
     name = "ort-genai"
 
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        try:
-            require()
-        except AntinetError as exc:
-            return str(exc)
-        return None
+    require = staticmethod(require)
 
     def load(self, artifact: Path, kind: str = SINGLE_PASS) -> None:
         og = require()

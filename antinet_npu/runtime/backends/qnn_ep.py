@@ -22,13 +22,7 @@ class QnnHtpBackend(Backend):
     qnn_backend = "htp"
     perf_modes = HTP_PERF_MODES
 
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        try:
-            qnn.require()
-        except AntinetError as exc:
-            return str(exc)
-        return None
+    require = staticmethod(qnn.require)
 
     parts: StaticStepper | None = None
 

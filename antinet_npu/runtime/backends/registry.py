@@ -44,6 +44,7 @@ SPECS = {s.name: s for s in (
     BackendSpec("qai-appbuilder", "antinet_npu.runtime.backends.appbuilder:AppBuilderBackend", "NPU", "qnn-context",
                 "qnn-parts", same_artifacts_as="qnn-htp"),
     BackendSpec("ort-genai", "antinet_npu.runtime.backends.ort_genai:OrtGenaiBackend", "CPU", None, "genai"),
+    BackendSpec("llama-cpp", "antinet_npu.runtime.backends.llama_cpp:LlamaCppBackend", "CPU", None, "gguf"),
     BackendSpec("genie", "antinet_npu.runtime.backends.genie:GenieBackend", "NPU", None, "genie"),
 )}
 
