@@ -12,6 +12,7 @@ PINS  := transformers==5.24.0 tokenizers==0.23.3 onnx==1.23.2 onnxscript==0.7.2 
          fastapi==0.165.0 uvicorn==0.54.0 gguf==0.19.0 accelerate==1.15.0 \
          onnxruntime-genai==0.18.0 ruamel.yaml.clib==0.2.15 \
          prometheus_client==0.26.0 openai==3.63.0 pillow==13.0.0
+LLAMACPP := llama-cpp-python==0.3.36
 
 .PHONY: install repro test test-fast real-model shape-1.5b clean-venv
 
@@ -47,6 +48,8 @@ real-model: install
 # memory and disk. Only this model's metrics are copied: stages outside its DAG leave the builtin's files in metrics/.
 SHAPE_REF := reports/reference/qwen2-1.5b-shape
 shape-1.5b: install
+	# llama.cpp, the second peer (export-gguf, bench-gen llama-cpp-*): built from source once, 6-10 minutes
+	$(BIN)/python -m pip install -q $(LLAMACPP)
 	$(BIN)/dvc exp run -S model=qwen2-1.5b-shape
 	rm -rf $(SHAPE_REF)/metrics && mkdir -p $(SHAPE_REF)/metrics
 	cp reports/summary.md reports/benchmark.json $(SHAPE_REF)/ && cp metrics/speedup.json $(SHAPE_REF)/metrics/
