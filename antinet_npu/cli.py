@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:  # libraries' INFO lines (one per quantized node) would drown the stage's own
-        for name in ("onnxruntime", "onnx", "transformers", "dvc", "httpx", "urllib3", "gguf", "llama-cpp-python"):
+        for name in ("onnxruntime", "onnx", "transformers", "dvc", "httpx", "urllib3", "gguf"):
             logging.getLogger(name).setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers:  # onnxruntime.quantization logs through the root logger
             handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)

@@ -80,8 +80,9 @@ def write_float(snapshot: Path, out: Path) -> int:
 
 def quantize(src: Path, dest: Path, file_type: str, threads: int) -> None:
     """llama.cpp's quantizer: `src` (float GGUF) -> `dest` at `file_type`."""
-    import llama_cpp
+    from antinet_npu.runtime.backends.llama_cpp import require
 
+    llama_cpp = require()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[file_type]
     params.nthread = threads

@@ -8,6 +8,7 @@ builds llama.cpp from source for the machine it installs on (about 10 minutes on
 from __future__ import annotations
 
 import ctypes
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,22 @@ EXTRA = "pip install 'antinet-npu[llamacpp]' (llama-cpp-python, built from sourc
 
 
 def require():
+    global _log
     try:
         import llama_cpp
     except ImportError:
         raise AntinetError(f"llama-cpp-python is not installed: {EXTRA}") from None
+    if _log is None:  # llama.cpp's warnings and errors only: its loader and quantizer print a line per tensor
+        @llama_cpp.llama_log_callback
+        def _log(level: int, text: bytes, _user_data) -> None:
+            if level in (3, 4):  # GGML_LOG_LEVEL_WARN, _ERROR (ggml.h: DEBUG 1, INFO 2, CONT 5)
+                sys.stderr.write(text.decode(errors="replace"))
+
+        llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
     return llama_cpp
+
+
+_log = None  # the installed callback, kept referenced for as long as llama.cpp may call it
 
 
 class LlamaCppBackend(Backend):
