@@ -261,7 +261,8 @@ def generation_lines(model: str, root: Path = METRICS) -> list[str]:
     ratios = [f"{ours} vs {other}: {tps[ours] / tps[other]:.2f}x" for ours, other in (
         ("ort-cpu-int8-block", "ort-genai-int8"), ("ort-cpu-int4-block", "ort-genai-int4"),
         ("ort-cpu-fp32", "ort-genai-fp32"), ("ort-cpu-int8-block", "llama-cpp-q8_0"),
-        ("ort-cpu-int4-block", "llama-cpp-q4_0"), ("ort-cpu-int8-block", "ort-cpu-int8-block-nocache"))
+        ("ort-cpu-int4-block", "llama-cpp-q4_0"), ("ort-cpu-int4-block-rtn", "ort-genai-int4"),
+        ("ort-cpu-int4-block-rtn", "llama-cpp-q4_0"), ("ort-cpu-int8-block", "ort-cpu-int8-block-nocache"))
         if ours in tps and other in tps]
     if ratios:
         lines += [f"Decode tokens/s at P={longest}: " + "; ".join(ratios) + ".", ""]
