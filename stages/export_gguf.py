@@ -37,7 +37,7 @@ def run(cfg: Config, file_type: str) -> dict:
         log.info("%s -> %s (float16, streamed)", snapshot, floats)
         tensors = gguf_export.write_float(snapshot, floats)
         log.info("llama.cpp %s quantizer: %d tensors -> %s", module.__version__, tensors, file_type)
-        gguf_export.quantize(floats, staged, file_type, cfg.bench.threads or 0)
+        gguf_export.quantize(floats, staged, file_type, cfg.bench.threads)
         floats.unlink()
         build_seconds = time.perf_counter() - start
         agreement = peers.greedy_agreement(

@@ -48,9 +48,8 @@ def write_float(snapshot: Path, out: Path) -> int:
     writer.add_file_type(FILE_TYPES["f16"])
     _add_tokenizer(writer, snapshot, config, _PRE_TOKENIZERS[family])
 
-    files = sorted(snapshot.glob("*.safetensors"))
-    plan = []  # (gguf name, file, hf name, float16?)
-    for file in files:
+    plan = []  # (file, Hugging Face name, dtype) in the order of the tensor infos
+    for file in sorted(snapshot.glob("*.safetensors")):
         with safe_open(file, "np") as weights:
             for hf_name in weights.keys():
                 if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
@@ -59,14 +58,13 @@ def write_float(snapshot: Path, out: Path) -> int:
                 if name is None:
                     raise AntinetError(f"{file.name}: no GGUF name for {hf_name!r} ({family})")
                 shape = weights.get_slice(hf_name).get_shape()
-                half = len(shape) == 2
-                dtype = np.float16 if half else np.float32
-                writer.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+                dtype = np.dtype(np.float16 if len(shape) == 2 else np.float32)
+                writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
                 plan.append((file, hf_name, dtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for file, hf_name, dtype in plan:  # the same order as the infos
+    for file, hf_name, dtype in plan:
         with safe_open(file, "np") as weights:
             tensor = weights.get_tensor(hf_name)
         if family == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
