@@ -58,6 +58,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
     with artifacts.staged_files(ctx_out.parent) as tmp:
         start = time.perf_counter()
         blocks = f" in blocks of {recipe.block_size}" if recipe.block_size else ""
+        blocks += " with float offsets" if recipe.block_offsets else ""
         log.info("static QDQ %s (%s activations, %s%s weights%s%s), %d calibration windows", precision,
                  recipe.activation_type, recipe.weight_type, blocks,
                  "; float residual stream" if recipe.float_residual else "",
@@ -99,7 +100,8 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
             model=cfg.model.name, precision=precision, seq_len=seq_len, backend="qnn-htp",
             device=qnn.device_name(), emulated=qnn.emulated(), target=cfg.target.name,
             soc_model=cfg.target.soc_model, htp_arch=cfg.target.htp_arch, activation_type=recipe.activation_type,
-            weight_type=recipe.weight_type, weight_block_size=recipe.block_size, float_residual=recipe.float_residual,
+            weight_type=recipe.weight_type, weight_block_size=recipe.block_size,
+            weight_block_offsets=recipe.block_offsets, float_residual=recipe.float_residual,
             **sensitivity.mixed_metrics(recipe.mixed, groups, keep),
             samples=len(windows), **result, context_nodes=contexts,
             compute_nodes=compute_nodes, cpu_compute_nodes=len(outside),

@@ -178,6 +178,7 @@ def run(cfg: Config, precision: str) -> dict:
                                      if recipe.fp16 else
                                      {"activation_type": recipe.activation_type, "weight_type": recipe.weight_type,
                                       "weight_block_size": recipe.block_size,
+                                      "weight_block_offsets": recipe.block_offsets,
                                       "kv_type": recipe.kv_type or recipe.activation_type}),
             float_residual=recipe.float_residual, quantized_io=quantized_io,
             **sensitivity.mixed_metrics(recipe.mixed, kept, [x for nodes in part_nodes for g in kept

@@ -69,6 +69,10 @@ def _params(tmp_path: Path, edit) -> Path:
      "weight_type QInt4 is per output channel: set per_channel true"),
     (lambda d: d["compile"]["recipes"]["w8a16"].update(block_size=32),
      "block_size 32 is for weight_type QInt4 (0: per channel)"),
+    (lambda d: d["compile"]["recipes"]["w4a16"].update(block_size=0),
+     "block_offsets needs block_size > 0 (offsets per block)"),
+    (lambda d: d["sensitivity"]["probes"]["w4a16"].update(weight_zero="half"),
+     "weight_zero must be integer or float, got 'half'"),
 ])
 def test_bad_params_are_one_line_errors(tmp_path, edit, expected):
     with pytest.raises(AntinetError) as err:

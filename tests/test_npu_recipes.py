@@ -72,3 +72,48 @@ def test_w4a16_packs_matmul_weights_in_4_bits_and_htp_runs_them(tmp_path, monkey
     # blocks of 32 along K: a scale per 32 weights costs bytes, and buys fidelity
     assert sizes["QInt4-0"] < sizes["QInt4-0-b32"] < sizes["QInt8-0"]
     assert errors["QInt4-0-b32"] < errors["QInt4-0"], errors
+
+
+def test_w4a16_block_offsets_carry_asymmetric_blocks_on_htp(tmp_path, monkeypatch):
+    """block_offsets: weights on an asymmetric 4-bit grid (llama.cpp's Q4_1: a scale and a float minimum per block
+    of 32, as SmolLM2-135M's are) come through HTP's symmetric int4 blocks plus the block-offset branch exactly, where
+    symmetric blocks re-round them; every node stays in the HTP context and the emulator computes what onnxruntime's
+    CPU QDQ reference does."""
+    import onnxruntime as ort
+
+    from antinet_npu.build.quantization import qdq_static
+    from antinet_npu.config import QdqRecipeConfig
+
+    monkeypatch.chdir(tmp_path)
+    model, feeds = _embed_and_project()
+    rng = np.random.default_rng(1)
+    for tensor in model.graph.initializer[1:]:  # w_up, w_down onto a Q4_1 grid
+        k, n = tensor.dims
+        step, low = rng.uniform(0.05, 0.2, (k // 32, 1, n)), rng.uniform(-1.5, -0.5, (k // 32, 1, n))
+        levels = rng.integers(0, 16, (k // 32, 32, n))
+        levels[:, :2] = [[0], [15]]  # Q4_1's min-max: every block reaches both ends of its range
+        grid = (levels * step + low).reshape(k, n).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(grid, tensor.name))
+    onnx.save(model, tmp_path / "f.onnx")
+    reference = ort.InferenceSession(tmp_path / "f.onnx", providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    errors, sizes = {}, {}
+    for offsets in (False, True):
+        recipe = QdqRecipeConfig(activation_type="QUInt16", weight_type="QInt4", per_channel=True, block_size=32,
+                                 block_offsets=offsets)
+        recipe.check()
+        qdq = qdq_static(tmp_path / "f.onnx", recipe, iter(feeds))
+        ops = [n.op_type for n in qdq.graph.node]
+        assert (ops.count("ReduceSum"), ops.count("MatMul")) == ((2, 4) if offsets else (0, 2)), ops
+        name = f"offsets{int(offsets)}"
+        onnx.save(qdq, tmp_path / f"{name}.onnx")
+        qnn.compile_context(tmp_path / f"{name}.onnx", tmp_path / f"{name}_ctx.onnx", TargetConfig())
+        assert qnn.nodes_outside_context(tmp_path / f"{name}_ctx.onnx")[1] == []
+        sizes[name] = sum(b.stat().st_size for b in qnn.context_binaries(tmp_path / f"{name}_ctx.onnx"))
+        htp = qnn.session(tmp_path / f"{name}_ctx.onnx", TargetConfig()).run(None, feeds[0])[0]
+        cpu = ort.InferenceSession(tmp_path / f"{name}.onnx", providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+        assert np.linalg.norm(htp - cpu) <= 0.02 * np.linalg.norm(cpu), name
+        errors[name] = np.linalg.norm(htp - reference) / np.linalg.norm(reference)
+    # the grid comes through: what is left is the 16-bit activations' error, a small fraction of re-rounding's
+    assert errors["offsets1"] < 0.2 * errors["offsets0"], errors
+    # 16-bit offsets per 32 x 1 block: about 1/8 more than the 4-bit weights' bytes, far from 8-bit weights'
+    assert sizes["offsets0"] < sizes["offsets1"] < 1.5 * sizes["offsets0"], sizes

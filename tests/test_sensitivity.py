@@ -48,6 +48,19 @@ def test_fake_quant_granularities():
     assert torch.equal(sensitivity.fake_quant(x, 16, "block", 32, symmetric=False).sign(), x.sign())
 
 
+def test_fake_quant_float_zero_keeps_a_q4_1_grid():
+    """Weights on llama.cpp's Q4_1 grid (per block of 32: a scale and a float minimum) come back exactly with a float
+    zero (compile's block_offsets); an integer zero point or a symmetric grid re-rounds them."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 16, (8, 64), generator=g).float()
+    levels[:, 0], levels[:, 32], levels[:, 1], levels[:, 33] = 0, 0, 15, 15  # min-max: both ends in every block
+    w = levels * torch.rand(8, 1, generator=g) * 0.1 + torch.rand(8, 1, generator=g) - 1.2
+    exact = sensitivity.fake_quant(w, 4, "block", 32, symmetric=False, float_zero=True)
+    assert torch.allclose(exact, w, rtol=0, atol=1e-6 * w.abs().max())
+    for other in (dict(symmetric=False), dict(symmetric=True)):
+        assert (sensitivity.fake_quant(w, 4, "block", 32, **other) - w).abs().max() > 1e-3 * w.abs().max()
+
+
 def test_bootstrap_interval_brackets_the_estimate():
     rng = np.random.default_rng(0)
     meter = fidelity.FidelityMeter()

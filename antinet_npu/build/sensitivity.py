@@ -81,10 +81,12 @@ class Sensitivity:
         return found
 
 
-def fake_quant(x, bits: int, granularity: str, block_size: int = 32, symmetric: bool = True):
+def fake_quant(x, bits: int, granularity: str, block_size: int = 32, symmetric: bool = True,
+               float_zero: bool = False):
     """Quantize-dequantize `x` (torch). Scales are shared by `block_size` consecutive values of the last axis
     (`block`: K of a (out, in) weight or of an activation row), by a row (`channel`: an output channel of a weight),
-    or by the whole tensor (`tensor`)."""
+    or by the whole tensor (`tensor`). Asymmetric: an integer zero point, or with `float_zero` the minimum itself
+    as a float offset (llama.cpp's Q4_1)."""
     import torch
 
     shape = x.shape
@@ -99,6 +101,10 @@ def fake_quant(x, bits: int, granularity: str, block_size: int = 32, symmetric: 
         qmax = 2 ** (bits - 1) - 1
         scale = flat.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
         out = (flat / scale).round().clamp(-qmax - 1, qmax) * scale
+    elif float_zero:
+        lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+        scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-12)
+        out = ((flat - lo) / scale).round().clamp(0, 2 ** bits - 1) * scale + lo
     else:
         lo, hi = flat.amin(-1, keepdim=True).clamp_max(0), flat.amax(-1, keepdim=True).clamp_min(0)
         scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-12)
@@ -136,7 +142,8 @@ def quantized(modules: list[tuple[str, object]], probe: ProbeConfig) -> Iterator
     for _, module in modules:
         saved.append((module, module.weight))
         module.weight = torch.nn.Parameter(fake_quant(module.weight.data, p.weight_bits, p.weight_granularity,
-                                                      p.block_size, p.weight_symmetric), requires_grad=False)
+                                                      p.block_size, p.weight_symmetric, p.weight_zero == "float"),
+                                           requires_grad=False)
         if p.activation_bits and isinstance(module, torch.nn.Linear):
             hooks.append(module.register_forward_pre_hook(lambda _m, args: (fake_quant(
                 args[0], p.activation_bits, p.activation_granularity, p.block_size, p.activation_symmetric),

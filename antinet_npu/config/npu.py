@@ -52,6 +52,9 @@ class QdqRecipeConfig:
                                                              "needs a signed weight_type"))
     block_size: int = field(default=0, metadata=doc("QInt4 MatMul weights: 0 = one scale per output channel; N = "
                                                       "one per N values along K (HTP: symmetric, no zero point)"))
+    block_offsets: bool = field(default=False, metadata=doc(
+        "with block_size: asymmetric blocks (min-max, a float offset per block, llama.cpp's Q4_1) on HTP's symmetric "
+        "ones: W = s(q - 8) + c, the offsets c (K/block x N, 16-bit per channel) times the block sums of x"))
     calibrate_method: str = field(default="MinMax", metadata=doc(", ".join(CALIBRATION_METHODS)))
     activation_symmetric: bool = False
     nodes_to_exclude: list[str] = field(default_factory=list)
@@ -83,6 +86,7 @@ class QdqRecipeConfig:
                  f"per_channel weights are symmetric: use weight_type QInt4, QInt8 or QInt16, not {self.weight_type}")
         require(self.block_size >= 0 and (self.block_size == 0 or self.weight_type in WEIGHT_ONLY_TYPES),
                  f"block_size {self.block_size} is for weight_type {', '.join(WEIGHT_ONLY_TYPES)} (0: per channel)")
+        require(not self.block_offsets or self.block_size, "block_offsets needs block_size > 0 (offsets per block)")
         require(self.calibrate_method in CALIBRATION_METHODS,
                  f"calibrate_method must be one of {', '.join(CALIBRATION_METHODS)}")
         if self.mixed is not None:

@@ -21,6 +21,9 @@ class ProbeConfig:
     weight_granularity: str = field(default="block", metadata=doc("block | channel | tensor: what shares a scale"))
     block_size: int = field(default=32, metadata=doc("values per scale along K, for block granularity"))
     weight_symmetric: bool = True
+    weight_zero: str = field(default="integer", metadata=doc(
+        "asymmetric weights: integer (a zero point, the range stretched to hold 0) | float (the block's own minimum "
+        "as a float offset: llama.cpp's Q4_1, compile's block_offsets)"))
     activation_bits: Optional[int] = field(default=None, metadata=doc("inputs of the quantized MatMuls "
                                                                         "fake-quantized too (null: weights only)"))
     activation_granularity: str = field(default="block", metadata=doc("block (per row, as MatMulNBits "
@@ -34,6 +37,8 @@ class ProbeConfig:
         require(self.weight_granularity in GRANULARITIES and self.activation_granularity in GRANULARITIES,
                  f"weight_granularity and activation_granularity must be one of {', '.join(GRANULARITIES)}")
         require(self.block_size > 0, f"block_size must be positive, got {self.block_size}")
+        require(self.weight_zero in ("integer", "float"), f"weight_zero must be integer or float, got "
+                 f"{self.weight_zero!r}")
 
 
 @dataclass
