@@ -26,6 +26,21 @@ def _embed_and_project(k: int = 128, n: int = 256, vocab: int = 64):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), feeds
 
 
+def _compile_and_run(tmp_path, name: str, qdq: onnx.ModelProto, feeds: dict):
+    """Compile `qdq` into one HTP context (every node in it) and run `feeds` there and on onnxruntime's CPU QDQ
+    reference: (.bin bytes, HTP output, CPU output), the two outputs asserted equal relative to the output's scale."""
+    import onnxruntime as ort
+
+    onnx.save(qdq, tmp_path / f"{name}.onnx")
+    qnn.compile_context(tmp_path / f"{name}.onnx", tmp_path / f"{name}_ctx.onnx", TargetConfig())
+    assert qnn.nodes_outside_context(tmp_path / f"{name}_ctx.onnx")[1] == []
+    size = sum(b.stat().st_size for b in qnn.context_binaries(tmp_path / f"{name}_ctx.onnx"))
+    htp = qnn.session(tmp_path / f"{name}_ctx.onnx", TargetConfig()).run(None, feeds)[0]
+    cpu = ort.InferenceSession(tmp_path / f"{name}.onnx", providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.linalg.norm(htp - cpu) <= 0.02 * np.linalg.norm(cpu), name
+    return size, htp, cpu
+
+
 def test_w4a16_packs_matmul_weights_in_4_bits_and_htp_runs_them(tmp_path, monkeypatch):
     """weight_type QInt4: the MatMuls' weights int4 per output channel or in blocks of 32 along K, a kept group's
     int8 (keep_as w8), the embedding's table as before; all of it compiles into one HTP context, 4-bit weights really
@@ -59,13 +74,7 @@ def test_w4a16_packs_matmul_weights_in_4_bits_and_htp_runs_them(tmp_path, monkey
         name = f"{weight_type}-{len(keep)}" + (f"-b{block}" if block else "")
         blocked = [n for n in qdq.graph.node if any(a.name == "block_size" for a in n.attribute)]
         assert len(blocked) == (2 if block else 0)  # both MatMuls, not the embedding
-        onnx.save(qdq, tmp_path / f"{name}.onnx")
-        qnn.compile_context(tmp_path / f"{name}.onnx", tmp_path / f"{name}_ctx.onnx", TargetConfig())
-        assert qnn.nodes_outside_context(tmp_path / f"{name}_ctx.onnx")[1] == []
-        sizes[name] = sum(b.stat().st_size for b in qnn.context_binaries(tmp_path / f"{name}_ctx.onnx"))
-        htp = qnn.session(tmp_path / f"{name}_ctx.onnx", TargetConfig()).run(None, feeds[0])[0]
-        cpu = ort.InferenceSession(tmp_path / f"{name}.onnx", providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
-        assert np.linalg.norm(htp - cpu) <= 0.02 * np.linalg.norm(cpu), name
+        sizes[name], _, cpu = _compile_and_run(tmp_path, name, qdq, feeds[0])
         errors[name] = np.linalg.norm(cpu - float_out) / np.linalg.norm(float_out)
     # 128 x 256 + 256 x 128 weights: 32 KiB fewer at 4 bits; keeping down_proj at 8 bits gives back half of that
     assert sizes["QInt8-0"] - sizes["QInt4-0"] >= 30_000 and sizes["QInt4-0"] < sizes["QInt4-1"] < sizes["QInt8-0"]
@@ -105,13 +114,7 @@ def test_w4a16_block_offsets_carry_asymmetric_blocks_on_htp(tmp_path, monkeypatc
         ops = [n.op_type for n in qdq.graph.node]
         assert (ops.count("ReduceSum"), ops.count("MatMul")) == ((2, 4) if offsets else (0, 2)), ops
         name = f"offsets{int(offsets)}"
-        onnx.save(qdq, tmp_path / f"{name}.onnx")
-        qnn.compile_context(tmp_path / f"{name}.onnx", tmp_path / f"{name}_ctx.onnx", TargetConfig())
-        assert qnn.nodes_outside_context(tmp_path / f"{name}_ctx.onnx")[1] == []
-        sizes[name] = sum(b.stat().st_size for b in qnn.context_binaries(tmp_path / f"{name}_ctx.onnx"))
-        htp = qnn.session(tmp_path / f"{name}_ctx.onnx", TargetConfig()).run(None, feeds[0])[0]
-        cpu = ort.InferenceSession(tmp_path / f"{name}.onnx", providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
-        assert np.linalg.norm(htp - cpu) <= 0.02 * np.linalg.norm(cpu), name
+        sizes[name], htp, _ = _compile_and_run(tmp_path, name, qdq, feeds[0])
         errors[name] = np.linalg.norm(htp - reference) / np.linalg.norm(reference)
     # the grid comes through: what is left is the 16-bit activations' error, a small fraction of re-rounding's
     assert errors["offsets1"] < 0.2 * errors["offsets0"], errors

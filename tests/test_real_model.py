@@ -11,7 +11,8 @@ and the Genie bundle's check on 2 prompts x 8 tokens (the emulator takes seconds
 for the runs asserted below (ours int8-block with and without the cache, the peer's int8), and the emulator is not
 benchmarked (its time means nothing; the builtin-model tests cover that path). Fidelity is judged on 16 held-out
 windows of the main text (the news domain is left out here for now), text that neither calibration nor the
-sensitivity ranking saw.
+sensitivity ranking saw. ANTINET_REAL_W4A16=1 adds the w4a16 generation parts (its probe and about 10 minutes more
+of emulation than the hour of `make test` on the AVX2 machines affords).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[]", "compile.precisions=[]
              # the main text only, for now: with the news domain int8-smooth misses its top-1 goal there (0.965,
              # README, "CPU variants and their fidelity"); the builtin pipeline gates both domains
              "~text.domains.news",
-             # w4a16 misses its goal on SmolLM2 by far (README, "4-bit weights on the NPU"): not built here yet
-             "~compile.recipes.w4a16", "~sensitivity.probes.w4a16",
+              # w4a16 (README, "4-bit weights on the NPU") costs its probe and ~10 more minutes of emulation: opt-in
+             *(() if os.environ.get("ANTINET_REAL_W4A16") else
+               ("compile.generation.precisions=[w8a16-mixed]", "~compile.recipes.w4a16", "~sensitivity.probes.w4a16")),
              "compile.generation.verify_prompts=2", "compile.generation.verify_new_tokens=8",
              "quantize.precisions=[int8-dynamic,int8-block,int8-smooth,int8-mixed,int4-block]",
              "~evaluate.variants.fp16",
@@ -169,6 +171,20 @@ def test_npu_generation_parts_on_a_real_model(real):
     assert m["ppl_increase_ci_low"] <= m["ppl_increase"] <= m["ppl_increase_ci_high"]
     assert 0 <= m["gen_agreement"] <= 1 and m["gen_prompts"] >= 1
     assert all(p["bin_mb"] < p["unshared_bin_mb"] for p in m["parts"].values())
+
+
+@pytest.mark.skipif(not os.environ.get("ANTINET_REAL_W4A16"), reason="ANTINET_REAL_W4A16=1 builds w4a16 on "
+                    "SmolLM2 (its probe and ~10 more minutes of emulation than `make test`'s hour affords)")
+def test_npu_4bit_parts_meet_the_goal_on_a_real_model(real):
+    """w4a16 generation parts: 4-bit blocks with float offsets, the probe's 4 worst groups at 8 bits. The goal (top-1
+    >= 0.90, <= +5 %) holds on SmolLM2 because its weights lie on Q4_1's grid, which the offsets carry exactly."""
+    m = _metrics(real, "compile-gen/w4a16")
+    assert m["model"] == "smollm2-135m" and m["emulated"] and m["cpu_compute_nodes"] == 0 and m["gate_passed"]
+    assert m["weight_type"] == "QInt4" and m["weight_block_size"] == 32 and m["weight_block_offsets"] is True
+    assert m["samples"] >= 16 and m["top1_agreement"] >= 0.90 and m["ppl_increase"] <= 0.05
+    assert set(m["kept_groups"].split(",")) == set(_top_groups(real, "w4a16", 4))
+    w8 = _metrics(real, "compile-gen/w8a16-mixed")
+    assert m["bin_mb"] < 0.8 * w8["bin_mb"]  # 4-bit weights + 16-bit offsets per 32: 0.64x measured
 
 
 def test_genie_runs_the_mixed_bundle_as_our_host_loop(real):
