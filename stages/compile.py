@@ -63,7 +63,8 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
                  recipe.activation_type, recipe.weight_type, blocks,
                  "; float residual stream" if recipe.float_residual else "",
                  f"; {recipe.mixed.keep_as} for {', '.join(groups)}" if groups else "", len(calibration))
-        model = quantization.qdq_static(src, recipe, calibration, keep)
+        outliers = quantization.recipe_outliers(src, recipe, calibration)
+        model = quantization.qdq_static(src, recipe, calibration, keep, outliers=outliers)
         compute_nodes = sum(n.op_type not in qnn.BOUNDARY_OPS for n in model.graph.node)
         onnx_models.save(model, tmp / qdq_out.name)
         signature.write(tmp / qdq_out.name)
@@ -102,6 +103,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
             soc_model=cfg.target.soc_model, htp_arch=cfg.target.htp_arch, activation_type=recipe.activation_type,
             weight_type=recipe.weight_type, weight_block_size=recipe.block_size,
             weight_block_offsets=recipe.block_offsets, float_residual=recipe.float_residual,
+            float_outliers=recipe.float_outliers, float_outlier_tensors=",".join(outliers),
             **sensitivity.mixed_metrics(recipe.mixed, groups, keep),
             samples=len(windows), **result, context_nodes=contexts,
             compute_nodes=compute_nodes, cpu_compute_nodes=len(outside),

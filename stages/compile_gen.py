@@ -82,14 +82,20 @@ def run(cfg: Config, precision: str) -> dict:
     kept = sensitivity.kept_groups(recipe.mixed, model, [g for nodes in part_nodes for g in nodes])
     with artifacts.staged_dir(out) as tmp:
         (tmp / "verify").mkdir()
+        outliers: dict[str, list[str]] = {}
         for i, nodes in enumerate(part_nodes):
             groups = [g for g in kept if g in nodes]
             keep = [name for g in groups for name in nodes[g]]
+            # found on the prefill traces (where the massive activations are: the first tokens), applied to AR-N and
+            # AR-1 alike: the two graphs share one copy of the weights
+            found = quantization.recipe_outliers(fp32[n][i], recipe, (t.full() for t in traces.get((n, i), ())))
+            outliers.update(found)
             part = {"quantize_seconds": 0.0, "compile_seconds": 0.0, "cpu_compute_nodes": 0, "compute_nodes": 0}
             for ar in (n, 1):
                 t = time.perf_counter()
                 qdq_model = onnx.load(fp32[ar][i]) if recipe.fp16 else \
-                    quantization.qdq_static(fp32[ar][i], recipe, (t.full() for t in traces.pop((ar, i))), keep, ranges)
+                    quantization.qdq_static(fp32[ar][i], recipe, (t.full() for t in traces.pop((ar, i))), keep, ranges,
+                                            found)
                 encodings[ar, i] = quantization.quantized_io(qdq_model, float_edges) if quantized_io else {}
                 part["compute_nodes"] += sum(x.op_type not in qnn.BOUNDARY_OPS for x in qdq_model.graph.node)
                 qdq = artifacts.qnn_gen_qdq(tmp, ar, i)
@@ -129,7 +135,7 @@ def run(cfg: Config, precision: str) -> dict:
                 "bin_mb": round(sum(b.stat().st_size for b in bins) / 1e6, 3), "bins": len(bins),
                 "unshared_bin_mb": round(unshared / 1e6, 3),
                 "qdq_mb": round(sum(artifacts.onnx_size_mb(artifacts.qnn_gen_qdq(tmp, ar, i)) for ar in (n, 1)), 3),
-                "kept_groups": len(groups)}
+                "kept_groups": len(groups), "float_outliers": len(found)}
             log.info("part %d: %s (%.1f MB, shared) vs %.1f MB unshared", i, ", ".join(b.name for b in bins),
                      parts_metrics[f"part{i}"]["bin_mb"], unshared / 1e6)
         _check_shared_encodings(encodings, {(ar, i): [*Signature.read(fp32[ar][i]).inputs,
@@ -181,6 +187,7 @@ def run(cfg: Config, precision: str) -> dict:
                                       "weight_block_offsets": recipe.block_offsets,
                                       "kv_type": recipe.kv_type or recipe.activation_type}),
             float_residual=recipe.float_residual, quantized_io=quantized_io,
+            float_outliers=recipe.float_outliers, float_outlier_tensors=",".join(outliers),
             **sensitivity.mixed_metrics(recipe.mixed, kept, [x for nodes in part_nodes for g in kept
                                                              for x in nodes.get(g, [])]),
             shared=gen.share, verified_binaries="unshared (verify/): the emulator cannot load a shared binary",

