@@ -48,7 +48,7 @@ def run(cfg: Config, precision: str, seq_len: int) -> dict:
     tokenizer = checkpoint.load_text_tokenizer(snapshot)
     calibration = [signature.static_feeds(w)
                    for w in corpus.calibration_windows(tokenizer, cfg.text, seq_len, cc.calib_samples)]
-    held_out = corpus.evaluation_windows(tokenizer, cfg.text, seq_len, cc.verify_samples)
+    held_out = corpus.evaluation_windows(tokenizer, cfg.text, seq_len, cc.verify_windows(precision))
 
     nodes = quantization.weight_groups(src, ("MatMul",))  # the embedding table is quantized as an activation
     groups = sensitivity.kept_groups(recipe.mixed, cfg.model.name, nodes)

@@ -51,7 +51,7 @@ def run(cfg: Config, precision: str) -> dict:
     # Calibration prompts of 1.5 chunks: a left-padded chunk and a full one, so the traces hold both
     calib = corpus.calibration_windows(tokenizer, cfg.text, n + n // 2, cc.calib_samples)
     held_out = [(domain, w) for domain, rows in corpus.evaluation_windows(
-        tokenizer, cfg.text, min(2 * n, gen.context_length), cc.verify_samples).items() for w in rows]
+        tokenizer, cfg.text, min(2 * n, gen.context_length), cc.verify_windows(precision)).items() for w in rows]
     prompts = [(domain, p) for domain, rows in corpus.held_out_prompts(
         tokenizer, cfg.text, min(n, gen.context_length - gen.verify_new_tokens), gen.verify_prompts).items()
         for p in rows]

@@ -1,4 +1,4 @@
-"""Stage `genie` (matrix over compile.generation.precisions): compile-gen's parts -> a Genie bundle, checked by Genie.
+"""Stage `genie` (matrix over genie.precisions): compile-gen's parts -> a Genie bundle, checked by Genie.
 
 models/genie/<model>-<precision>/ is laid out as Qualcomm AI Hub ships an LLM for Genie (see
 `antinet_npu.runtime.genie`): the shipped weight-shared binaries under AI Hub's names, `genie_config.json`,
@@ -37,9 +37,9 @@ EMULATOR_CHECK = "emulator_check.json"
 
 def run(cfg: Config, precision: str) -> dict:
     gen, model = cfg.compile.generation, cfg.model.name
-    if precision not in gen.precisions:
-        raise AntinetError(f"no generation parts are built at {precision!r}: compile.generation.precisions has "
-                           f"{', '.join(gen.precisions) or 'none'}")
+    if precision not in cfg.genie.precisions:
+        raise AntinetError(f"no Genie bundle is built at {precision!r}: genie.precisions has "
+                           f"{', '.join(cfg.genie.precisions) or 'none'}")
     api = genie.api_version()  # fails first, in one line, when there is no Genie runtime
     src = artifacts.qnn_gen_dir(model, precision)
     n = gen.prefill_len

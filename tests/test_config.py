@@ -73,6 +73,9 @@ def _params(tmp_path: Path, edit) -> Path:
      "block_offsets needs block_size > 0 (offsets per block)"),
     (lambda d: d["sensitivity"]["probes"]["w4a16"].update(weight_zero="half"),
      "weight_zero must be integer or float, got 'half'"),
+    (lambda d: d["compile"]["recipes"]["w4a16"].update(verify_samples=0), "verify_samples must be null or > 0, got 0"),
+    (lambda d: d["genie"].update(precisions=["w8a16", "w8a8"]),
+     "genie.precisions lists 'w8a8', which compile.generation.precisions does not build"),
 ])
 def test_bad_params_are_one_line_errors(tmp_path, edit, expected):
     with pytest.raises(AntinetError) as err:

@@ -12,8 +12,11 @@ Genie bundle's check on 1 prompt x 8 tokens per domain (the emulator takes secon
 (measured in the README), one CPU single-pass benchmark (the served int8-block at S=128), generation benchmarks only
 for the runs asserted below (ours int8-block with and without the cache, the peer's int8), and the emulator is not
 benchmarked (its time means nothing; the builtin-model tests cover that path). ANTINET_REAL_W4A16=1 adds the w4a16
-generation parts (its probe and about 10 minutes more of emulation than the hour of `make test` on the AVX2
-machines affords).
+generation parts, judged on 4 windows per domain (their goal, top-1 >= 0.90 and <= +5 %, sits 4 points and 4 % from
+the figures measured on 16; Genie checks the w8a16-mixed bundle only: w4a16's graphs differ from it by the
+block-offset branch, which Genie runs in the builtin model's bundle). Even so it costs 8.5 minutes here (its
+probe, its build, its emulation) and about twice that on the AVX2 machines, where `make test` is projected past its
+hour already.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 _SINGLE_PASS = ("torch-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8-dynamic", "ort-cpu-int8-block",
                 "ort-cpu-int8-mixed", "ort-cpu-int4-block")
-OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[]", "compile.precisions=[]",
-              # w4a16 (README, "4-bit weights on the NPU") costs its probe and ~10 more minutes of emulation: opt-in
-             *(() if os.environ.get("ANTINET_REAL_W4A16") else
+W4A16_WINDOWS = 4  # per domain
+OVERRIDES = ["model=smollm2-135m", "compile.seq_lens=[]", "compile.precisions=[]", "genie.precisions=[w8a16-mixed]",
+             # w4a16 (README, "4-bit weights on the NPU"): its probe, build and emulation, opt-in
+             *((f"+compile.recipes.w4a16.verify_samples={W4A16_WINDOWS}",) if os.environ.get("ANTINET_REAL_W4A16") else
                ("compile.generation.precisions=[w8a16-mixed]", "~compile.recipes.w4a16", "~sensitivity.probes.w4a16")),
              "compile.generation.verify_prompts=1", "compile.generation.verify_new_tokens=8",
              "quantize.precisions=[int8-dynamic,int8-block,int8-smooth16,int8-mixed,int4-block]",
@@ -106,11 +110,11 @@ def test_sensitivity_ranks_every_group(real):
         assert m["groups"][m["most_sensitive"]]["kl"] == max(g["kl"] for g in m["groups"].values()) > 0
 
 
-def _meets(m: dict, min_top1: float, max_ppl_increase: float) -> None:
-    """The goal on every text domain's held-out windows (16 each), the interval around each figure."""
+def _meets(m: dict, min_top1: float, max_ppl_increase: float, windows: int = 16) -> None:
+    """The goal on every text domain's held-out windows (16 each unless said), the interval around each figure."""
     assert set(m["domains"]) == {"main", "news"} and m["gate_passed"], m.get("domains")
     for domain, f in m["domains"].items():
-        assert f["positions"] >= 16 * 127, domain  # 16 windows of 128 tokens
+        assert f["positions"] >= windows * 127, domain  # windows of 128 tokens
         assert f["top1_agreement"] >= min_top1 and f["ppl_increase"] <= max_ppl_increase, (domain, f)
         assert f["ppl_increase_ci_low"] <= f["ppl_increase"] <= f["ppl_increase_ci_high"], (domain, f)
 
@@ -185,14 +189,15 @@ def test_npu_generation_parts_on_a_real_model(real):
 
 
 @pytest.mark.skipif(not os.environ.get("ANTINET_REAL_W4A16"), reason="ANTINET_REAL_W4A16=1 builds w4a16 on "
-                    "SmolLM2 (its probe and ~10 more minutes of emulation than `make test`'s hour affords)")
+                    "SmolLM2 (its probe, build and emulation: 8.5 more minutes here, about 17 on the AVX2 machines)")
 def test_npu_4bit_parts_meet_the_goal_on_a_real_model(real):
     """w4a16 generation parts: 4-bit blocks with float offsets, the probe's 4 worst groups at 8 bits. The goal (top-1
     >= 0.90, <= +5 %) holds on SmolLM2 because its weights lie on Q4_1's grid, which the offsets carry exactly."""
     m = _metrics(real, "compile-gen/w4a16")
     assert m["model"] == "smollm2-135m" and m["emulated"] and m["cpu_compute_nodes"] == 0 and m["gate_passed"]
     assert m["weight_type"] == "QInt4" and m["weight_block_size"] == 32 and m["weight_block_offsets"] is True
-    _meets(m, 0.90, 0.05)
+    _meets(m, 0.90, 0.05, W4A16_WINDOWS)  # measured on 16 windows each: 0.957 / 0.946, +0.54 / +0.89 %
+    assert m["float_outliers"] == 0.0625 and len(m["float_outlier_tensors"].split(",")) == 3
     assert set(m["kept_groups"].split(",")) == set(_top_groups(real, "w4a16", 4))
     w8 = _metrics(real, "compile-gen/w8a16-mixed")
     assert m["bin_mb"] < 0.8 * w8["bin_mb"]  # 4-bit weights + 16-bit offsets per 32: 0.64x measured

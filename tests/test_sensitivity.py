@@ -74,6 +74,17 @@ def test_bootstrap_interval_brackets_the_estimate():
     assert "95 % CI" in fidelity.interval_text(m)
 
 
+def test_damage_is_kl_and_top1_as_defined():
+    """KL as negative entropy minus cross-entropy (one batched product per group) equals sum p (log p - log q)."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.log_softmax(3 * torch.randn(2, 7, 500, generator=g, dtype=torch.float64), -1)
+    var = torch.log_softmax(ref + 0.05 * torch.randn(2, 7, 500, generator=g, dtype=torch.float64), -1)
+    kl, top1 = sensitivity._damage(sensitivity._Reference(ref), var)
+    assert kl == pytest.approx(float((ref.exp() * (ref - var)).sum(-1).mean()), rel=1e-9) and kl > 0
+    assert top1 == float((var.argmax(-1) == ref.argmax(-1)).double().mean())
+    assert sensitivity._damage(sensitivity._Reference(ref), ref) == (0.0, 1.0)
+
+
 def test_a_group_replays_the_layers_before_it_and_measures_the_same():
     """Quantizing a group in layer L changes nothing before it: those layers' float outputs are recorded once and
     replayed, not computed again, and every group's damage is the same as with the whole model run."""

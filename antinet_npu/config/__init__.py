@@ -87,6 +87,9 @@ class Config:
             require(recipe.mixed is None or recipe.mixed.probe in self.sensitivity.probes,
                      f"{where}.mixed.probe {getattr(recipe.mixed, 'probe', '')!r} is not a key of sensitivity.probes "
                      f"(valid: {', '.join(self.sensitivity.probes) or 'none'})")
+        for precision in self.genie.precisions:
+            require(precision in self.compile.generation.precisions, f"genie.precisions lists {precision!r}, which "
+                     "compile.generation.precisions does not build: add it there or drop it here")
         runs = [*self.bench.runs, *self.bench.generation.runs]
         require(self.serve.run in runs, f"serve.run {self.serve.run!r} is not a key of bench.runs or "
                  f"bench.generation.runs: choose one of {', '.join(runs)}")

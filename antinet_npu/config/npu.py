@@ -71,6 +71,9 @@ class QdqRecipeConfig:
     kv_type: Optional[str] = field(default=None, metadata=doc("generation graphs: the KV cache's inputs and outputs "
                                                                 "(past_*), e.g. QUInt8 to halve its traffic; null: "
                                                                 "activation_type"))
+    verify_samples: Optional[int] = field(default=None, metadata=doc(
+        "held-out windows per text domain this recipe is verified on (null: compile.verify_samples): a looser gate "
+        "is resolved by fewer, and each window costs seconds of emulation"))
 
     @property
     def fp16(self) -> bool:
@@ -96,6 +99,8 @@ class QdqRecipeConfig:
                  f"float_outliers must be null or > 0 (a fraction of the median |x|), got {self.float_outliers}")
         require(self.calibrate_method in CALIBRATION_METHODS,
                  f"calibrate_method must be one of {', '.join(CALIBRATION_METHODS)}")
+        require(self.verify_samples is None or self.verify_samples > 0,
+                 f"verify_samples must be null or > 0, got {self.verify_samples}")
         if self.mixed is not None:
             self.mixed.check(NPU_KEEP_AS)
 
@@ -180,6 +185,10 @@ class CompileConfig:
     def gate(self, precision: str) -> GateConfig:
         return gate_for(self.gates, precision)
 
+    def verify_windows(self, precision: str) -> int:
+        """Held-out windows per text domain `precision` is verified on."""
+        return self.recipes[precision].verify_samples or self.verify_samples
+
     def gate_mode(self, precision: str) -> str:
         return self.gate(precision).mode or self.mode
 
@@ -189,8 +198,11 @@ GENIE_RUNTIMES = ("auto", "libgenie", "appbuilder")
 
 @dataclass
 class GenieConfig:
-    """Genie bundles (stage `genie`, one per compile.generation.precisions entry) and their check by Genie itself."""
+    """Genie bundles (stage `genie`, one per `precisions` entry) and their check by Genie itself."""
 
+    precisions: list[str] = field(default_factory=list, metadata=doc(
+        "generation-part precisions bundled and checked by Genie (matrix; conf default: every entry of "
+        "compile.generation.precisions)"))
     min_host_agreement: float = field(default=0.5, metadata=doc(
         "gate: share of Genie's greedy tokens equal to our host loop's over the same binaries (a miswired bundle "
         "generates garbage: near 0)"))
