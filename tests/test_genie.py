@@ -192,7 +192,7 @@ def test_no_genie_runtime_names_the_extra(pipeline, tmp_path):
     assert "Genie (libGenie) ships in onnxruntime-qnn, which is not installed: install the qnn extra" in \
         error_line(proc, "genie")
     line = error_line(run_cli(pipeline.path, "genie", "--precision", "w8a8"), "genie")
-    assert "no generation parts are built at 'w8a8'" in line
+    assert "no Genie bundle is built at 'w8a8': genie.precisions has" in line
 
 
 def test_runtime_of_another_qnn_version_or_soc_is_refused():
